@@ -83,6 +83,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + '.', dir=path.parent)
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; queue files and metadata are meant to be shared
         with os.fdopen(fd, 'wb') as f:
             f.write(data); f.flush(); os.fsync(f.fileno())
         os.replace(tmp, path)
