@@ -21,8 +21,8 @@ from .corruption import candidate_ids, validate_mixture, mixture_corrupt, check_
 # %% auto #0
 __all__ = ['FORMAT_VERSION', 'STORED_IGNORE', 'RECIPES', 'SPLITS', 'PROVIDERS', 'DataConfig', 'dataset_name',
            'validate_data_config', 'queue_dir', 'file_name', 'meta_hash', 'meta_differences', 'check_existing_meta',
-           'safetensors_bytes', 'read_queue_file', 'list_queue_files', 'claim_seq', 'Provider', 'CharDiffusionProvider',
-           'CharRandomReplacementProvider', 'make_provider', 'temporary_data_root']
+           'safetensors_bytes', 'read_queue_file', 'list_queue_files', 'claim_seq', 'reset_train_split', 'Provider',
+           'CharDiffusionProvider', 'CharRandomReplacementProvider', 'make_provider', 'temporary_data_root']
 
 # %% ../nbs/05_providers.ipynb #c006
 FORMAT_VERSION = 1   # bump when the file layout changes
@@ -165,6 +165,15 @@ def claim_seq(folder: Path) -> int:
     return seq
 
 # %% ../nbs/05_providers.ipynb #c017
+def reset_train_split(queue: Path) -> int:
+    "Delete the train files and sequence counter under `queue` (files are regenerable); return how many files went."
+    folder = Path(queue) / 'train'
+    files = list_queue_files(folder, 'train')
+    for _, p in files: p.unlink(missing_ok=True)
+    (folder / '.seq').unlink(missing_ok=True)
+    return len(files)
+
+# %% ../nbs/05_providers.ipynb #c020
 class Provider:
     "Base class of the data recipes: corpus, stages, meta, window sampling, file layout and atomic writes."
     recipe = ''
@@ -290,7 +299,7 @@ class Provider:
         "The next free train sequence number (shared by all producers of this queue)."
         return claim_seq(self.split_dir('train'))
 
-# %% ../nbs/05_providers.ipynb #c019
+# %% ../nbs/05_providers.ipynb #c022
 class CharDiffusionProvider(Provider):
     "Masked diffusion: `[MASK]` (BERT 80/10/10 in random stages) at masked positions; targets only there."
     recipe = 'char_diffusion'
@@ -303,7 +312,7 @@ class CharDiffusionProvider(Provider):
         y = where_u8(mask, x0, torch.tensor(STORED_IGNORE, dtype=torch.uint8))  # (R, T)
         return x, y
 
-# %% ../nbs/05_providers.ipynb #c021
+# %% ../nbs/05_providers.ipynb #c024
 class CharRandomReplacementProvider(Provider):
     "Random replacement: masked positions get random characters / [MASK] / train fragments; full targets by default."
     recipe = 'char_random_replacement'
@@ -315,7 +324,7 @@ class CharRandomReplacementProvider(Provider):
         y = where_u8(mask, x0, torch.tensor(STORED_IGNORE, dtype=torch.uint8)) if c.partial_targets else x0  # (R, T)
         return x, y
 
-# %% ../nbs/05_providers.ipynb #c022
+# %% ../nbs/05_providers.ipynb #c025
 PROVIDERS: dict[str, type[Provider]] = {'char_diffusion': CharDiffusionProvider,
                                         'char_random_replacement': CharRandomReplacementProvider}
 assert tuple(PROVIDERS) == RECIPES
@@ -328,7 +337,7 @@ def make_provider(cfg: DataConfig | dict, # a DataConfig or the `data:` section 
     validate_data_config(cfg)
     return PROVIDERS[cfg.recipe](cfg, corpus)
 
-# %% ../nbs/05_providers.ipynb #c024
+# %% ../nbs/05_providers.ipynb #c027
 @contextlib.contextmanager
 def temporary_data_root():
     "Context manager: DDIFF_DATA is a fresh temporary folder inside the block; the corpus cache stays visible."
