@@ -85,8 +85,53 @@ def _producer_run(args: argparse.Namespace) -> int:
                    write=not args.no_write, corpus=args.corpus, threads=args.threads)
     return 0
 
+def _train_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument('config', nargs='?', default='configs/cpu.yaml', help='training config (default: configs/cpu.yaml)')
+    ap.add_argument('overrides', nargs='*', help='section.key=value overrides')
+    ap.add_argument('--steps', type=int, default=50, help='timed optimizer steps')
+
+def _train_run(args: argparse.Namespace) -> int:
+    from ddiff.train import bench_train
+    from ddiff.core import project_root
+    if args.steps < 1: raise DDiffError(f'--steps={args.steps} is not allowed; use a positive integer')
+    cfg = Path(args.config) if Path(args.config).exists() else project_root() / args.config
+    bench_train(cfg, steps=args.steps, overrides=args.overrides)
+    return 0
+
+def _sampler_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument('--checkpoint', default='', help='a random-replacement checkpoint (default: an untrained model of --config\'s size)')
+    ap.add_argument('--config', default='configs/cpu_rr.yaml', help='config whose model and block size to use without a checkpoint')
+    ap.add_argument('--rounds', type=int, default=20, help='sampler rounds per sample')
+    ap.add_argument('--batch-sizes', nargs='+', type=int, default=[1, 4, 16])
+    ap.add_argument('--device', default='auto')
+    ap.add_argument('--threads', type=int, default=0, help='torch threads (0: leave as is)')
+
+def _sampler_run(args: argparse.Namespace) -> int:
+    from ddiff.core import load_yaml, project_root, resolve_device
+    from ddiff.corpus import load_corpus
+    from ddiff.model import ModelConfig, Transformer
+    from ddiff.sample_edit import bench_sampler
+    if args.rounds < 1 or min(args.batch_sizes) < 1: raise DDiffError(f'--rounds={args.rounds} and --batch-sizes={args.batch_sizes} must be positive integers')
+    if args.threads: torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    if args.checkpoint:
+        from ddiff.checkpoint import load_model
+        model, ck = load_model(args.checkpoint, device=device)
+        chars = ck['data_meta']['vocab']['chars']
+    else:
+        cfg_path = Path(args.config) if Path(args.config).exists() else project_root() / args.config
+        cfg = load_yaml(cfg_path)
+        corpus = load_corpus(cfg.get('data', {}).get('corpus', 'tinyshakespeare'))
+        mc = ModelConfig(**{**cfg.get('model', {}), 'block_size': cfg['data']['block_size'], 'vocab_size': corpus.vocab.size})
+        model, chars = Transformer(mc).to(device).eval(), corpus.vocab.chars
+        print(f'untrained {model.num_params():,}-parameter model of {cfg_path.name}')
+    bench_sampler(model, chars, max_iterations=args.rounds, batch_sizes=tuple(args.batch_sizes))
+    return 0
+
 BENCHMARKS: dict[str, tuple[str, Callable, Callable]] = {
     'producer': ('samples/s, tokens/s and bytes/token of one producer process', _producer_args, _producer_run),
+    'train':    ('training tokens/s and the share of step time spent waiting for data', _train_args, _train_run),
+    'sampler':  ('editing-sampler overhead over bare forwards and samples/s per batch size', _sampler_args, _sampler_run),
 }
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,16 @@
+"""Shared pytest settings: the `slow` marker, the local corpus mirror, one torch thread per test process."""
+import os
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'slow: a test that takes more than ~5 s (deselect with -m "not slow")')
+
+# The corpus comes from the mirror beside the clone when there is one (no network needed); see README "Data".
+_mirror = ROOT.parent / 'shared' / 'data'
+if not os.environ.get('DDIFF_DATA_MIRROR') and _mirror.is_dir(): os.environ['DDIFF_DATA_MIRROR'] = str(_mirror)
+
+torch.set_num_threads(1)  # the test machines are small and shared; subprocesses get OMP_NUM_THREADS from the runner
