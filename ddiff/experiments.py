@@ -14,10 +14,10 @@ from .core import (ConfigError, DDiffError, apply_overrides, atomic_write_json, 
                         check_positive, dataclass_from_dict, load_yaml, outputs_root, project_root)
 
 # %% auto #0
-__all__ = ['EXPERIMENT_KINDS', 'SECTIONS', 'ExperimentConfig', 'section_validators', 'validate_config', 'load_experiment_config',
-           'git_commit', 'provenance', 'experiments_dir', 'run_dir_for', 'is_complete', 'execute_notebook',
-           'run_experiment', 'write_report', 'SweepConfig', 'expand_sweep', 'run_sweep', 'write_table', 'plot_sweep',
-           'run_main', 'sweep_main']
+__all__ = ['EXPERIMENT_KINDS', 'SECTIONS', 'ExperimentConfig', 'section_validators', 'validate_sample_section', 'validate_config',
+           'load_experiment_config', 'allowed_keys', 'git_commit', 'provenance', 'experiments_dir', 'run_dir_for',
+           'is_complete', 'mark_complete', 'execute_notebook', 'run_experiment', 'write_report', 'SweepConfig',
+           'expand_sweep', 'run_sweep', 'write_table', 'plot_sweep', 'run_main', 'sweep_main']
 
 # %% ../nbs/18_experiments.ipynb #c005
 EXPERIMENT_KINDS: dict[str, list[str]] = {
@@ -32,6 +32,8 @@ class ExperimentConfig:
     name: str = ''                # run name ('' → derived from the config file name)
     group: str = ''               # folder under outputs/ ('' → the kind)
     checkpoint: str = ''          # sample_score only: checkpoint to sample from
+    judge: str = ''               # checkpoint of a causal (AR) judge for generative perplexity
+    judge_steps: int = 0          # > 0 and no judge: train a judge of the `model` size for this many steps
     timeout_minutes: float = 60.0 # papermill cell timeout for the whole run's notebooks
 
     def validate(self) -> 'ExperimentConfig':
@@ -55,14 +57,21 @@ def section_validators() -> dict[str, Any]:
     try:
         from ddiff.evaluate import EvalConfig; out['eval'] = EvalConfig
     except ImportError: pass
-    try:
-        from ddiff.sample import SampleConfig; out['sample'] = SampleConfig
-    except ImportError: pass
     return out
+
+def validate_sample_section(sample: dict) -> None:
+    "Check `sample:` keys against the command keys and the knobs of both samplers (the recipe picks one later)."
+    from ddiff.sample import CLI_KEYS, SAMPLERS
+    owners = {f.name: cls for cls, _ in SAMPLERS.values() for f in dataclasses.fields(cls)}
+    for k, v in sample.items():
+        if k in CLI_KEYS: continue
+        if k not in owners: raise ConfigError(f"unknown config key 'sample.{k}'; allowed: {', '.join(sorted({*CLI_KEYS, *owners}))}")
+        dataclass_from_dict(owners[k], {k: v}, 'sample')
 
 def validate_config(cfg: dict, validators: dict | None = None) -> dict:
     "Check every section of `cfg` against its dataclass; raise one line naming the first bad key."
-    validators = section_validators() if validators is None else validators
+    real = validators is None  # the real validators also check the `sample` section against the samplers
+    validators = section_validators() if real else validators
     for sec in cfg:
         if sec not in SECTIONS: raise ConfigError(f"unknown config section {sec!r}; allowed: {', '.join(SECTIONS)}")
         if cfg[sec] is not None and not isinstance(cfg[sec], dict):
@@ -70,23 +79,31 @@ def validate_config(cfg: dict, validators: dict | None = None) -> dict:
         if sec in validators:
             obj = dataclass_from_dict(validators[sec], cfg[sec] or {}, sec)
             if hasattr(obj, 'validate'): obj.validate()
+        elif sec == 'sample' and real: validate_sample_section(cfg[sec] or {})
     return cfg
 
 def load_experiment_config(path: str | os.PathLike | dict, overrides: list[str] = ()) -> dict:
     "Read an experiment YAML (or take a dict), apply `section.key=value` overrides and fill `experiment.name`."
     cfg = copy.deepcopy(path) if isinstance(path, dict) else load_yaml(path)
-    allowed = {sec: {**{f.name: None for f in dataclasses.fields(cls)}, **(cfg.get(sec) or {})}
-               for sec, cls in _known_sections().items()}
-    cfg = apply_overrides(cfg, overrides, allowed=allowed)
+    cfg = apply_overrides(cfg, overrides, allowed=allowed_keys(cfg))
     exp = cfg.setdefault('experiment', {}) or {}
     cfg['experiment'] = exp
     if not exp.get('name'): exp['name'] = Path(path).stem if not isinstance(path, dict) else 'run'
     return cfg
 
 def _known_sections() -> dict:
-    "Every section's dataclass, or an empty mapping for sections whose module is missing."
+    "Every section's dataclass, or just the experiment section when the pipeline modules are missing."
     try: return section_validators()
     except ImportError: return {'experiment': ExperimentConfig}
+
+def allowed_keys(cfg: dict) -> dict:
+    "Section → allowed keys for overrides: the dataclass fields, and for `sample` both samplers' knobs."
+    out = {sec: {**{f.name: None for f in dataclasses.fields(cls)}, **(cfg.get(sec) or {})} for sec, cls in _known_sections().items()}
+    try:
+        from ddiff.sample import CLI_KEYS, SAMPLERS
+        out['sample'] = {**CLI_KEYS, **{f.name: None for cls, _ in SAMPLERS.values() for f in dataclasses.fields(cls)}, **(cfg.get('sample') or {})}
+    except ImportError: pass
+    return out
 
 # %% ../nbs/18_experiments.ipynb #c009
 def git_commit(root: Path | None = None) -> str:
@@ -121,6 +138,12 @@ def is_complete(run_dir: Path) -> bool:
     try: return json.loads(m.read_text()).get('status') == 'complete'
     except (OSError, ValueError): return False
 
+def mark_complete(run_dir: Path) -> Path:
+    "Record in metrics.json that every notebook of the run finished."
+    path = Path(run_dir) / 'metrics.json'
+    metrics = json.loads(path.read_text()) if path.exists() else {}
+    return atomic_write_json(path, {**metrics, 'status': 'complete'})
+
 def execute_notebook(name: str, run_dir: Path, parameters: dict, timeout_minutes: float, progress: bool = True) -> Path:
     "Execute experiment notebook `name` with papermill into `run_dir/<name>.ipynb`."
     import papermill as pm
@@ -149,6 +172,7 @@ def run_experiment(config: str | os.PathLike | dict, overrides: list[str] = (), 
     try:
         for nb in EXPERIMENT_KINDS[exp.kind]:
             execute_notebook(nb, run_dir, params, exp.timeout_minutes, progress)
+        mark_complete(run_dir)
         if exp.kind == 'quickstart': write_report(run_dir)
     except BaseException as e:
         atomic_write_text(run_dir / 'error.txt', f'{type(e).__name__}: {e}\n')
@@ -222,7 +246,8 @@ def _run_one(base: Path, group: str, name: str, overrides: list[str]) -> dict:
     run_dir = outputs_root() / group / name
     row = {'run': name, 'overrides': ' '.join(overrides)}
     if is_complete(run_dir): return {**row, 'status': 'skipped (complete)', **_metrics_of(run_dir)}
-    cmd = [sys.executable, '-m', 'ddiff.cli', 'run', '--no-progress', str(base), f'experiment.name={name}', f'experiment.group={group}', *overrides]
+    own_queue = [f'data.dataset={group}-{name}'] if 'data' in load_yaml(base) else []  # runs must not share a queue
+    cmd = [sys.executable, '-m', 'ddiff.cli', 'run', '--no-progress', str(base), f'experiment.name={name}', f'experiment.group={group}', *own_queue, *overrides]
     t0 = time.time()
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=project_root())
     row['seconds'] = round(time.time() - t0, 1)
