@@ -15,7 +15,7 @@ from .corpus import load_corpus
 from .providers import DataConfig, make_provider, PROVIDERS
 
 # %% auto #0
-__all__ = ['BENCHMARKS', 'bench_producer', 'format_rows', 'main']
+__all__ = ['BENCHMARKS', 'bench_producer', 'format_rows', 'bench_quality', 'main']
 
 # %% ../nbs/09_bench.ipynb #c005
 def bench_producer(recipes: Sequence[str] = tuple(PROVIDERS), # data recipes to time
@@ -68,6 +68,35 @@ def format_rows(rows: list[dict]) -> str:
     return '\n'.join(lines)
 
 # %% ../nbs/09_bench.ipynb #c011
+def bench_quality(configs: Sequence[str] = ('configs/cpu.yaml', 'configs/cpu_ar.yaml'),  # runs to compare (the last is the reference)
+                  minutes: float = 10.0,   # wall-clock training budget of each run
+                  probe_steps: int = 10,   # steps timed first to size each run's step count
+                  overrides: Sequence[str] = (),  # extra overrides for every run
+                  verbose: bool = True,
+                 ) -> list[dict]:
+    "Train each config for the same wall time and print its final bits per character next to the reference's."
+    from ddiff.core import project_root
+    from ddiff.train import bench_train, train
+    rows = []
+    for c in configs:
+        path = Path(c) if Path(c).exists() else project_root() / c
+        probe = bench_train(path, steps=probe_steps, overrides=list(overrides), verbose=False)
+        steps = max(1, int(minutes * 60 / probe['step_s'] * 0.97))  # the cosine schedule ends when the time does
+        res = train(path, [*overrides, f'train.max_steps={steps}', f'train.max_minutes={minutes}', 'train.progress=false',
+                           f'train.name=quality-{path.stem}'])
+        m = res['metrics']
+        rows.append({'config': path.name, 'recipe': res['recipe'], 'n_params': res['n_params'], 'steps': res['step'],
+                     'minutes': res['elapsed_s'] / 60, 'bpc': m.get('final/bpc'), 'bpc_stderr': m.get('final/bpc_stderr', 0.0)})
+    ref = rows[-1]['bpc']
+    for r in rows: r['ratio_to_reference'] = r['bpc'] / ref if r['bpc'] and ref else None
+    if verbose:
+        print(f"{'config':<14} {'recipe':<16} {'params':>8} {'steps':>6} {'minutes':>7} {'bits/char':>14} {'/ reference':>11}")
+        for r in rows:
+            print(f"{r['config']:<14} {r['recipe']:<16} {r['n_params']:>8,} {r['steps']:>6} {r['minutes']:>7.1f} "
+                  f"{r['bpc']:>8.3f} ± {r['bpc_stderr']:.3f} {r['ratio_to_reference']:>11.3f}")
+    return rows
+
+# %% ../nbs/09_bench.ipynb #c014
 def _producer_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument('--recipes', nargs='+', default=list(PROVIDERS), choices=list(PROVIDERS), help='data recipes')
     ap.add_argument('--block-sizes', nargs='+', type=int, default=[256, 1024], help='window lengths')
@@ -128,7 +157,18 @@ def _sampler_run(args: argparse.Namespace) -> int:
     bench_sampler(model, chars, max_iterations=args.rounds, batch_sizes=tuple(args.batch_sizes))
     return 0
 
+def _quality_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument('configs', nargs='*', default=['configs/cpu.yaml', 'configs/cpu_ar.yaml'], help='configs to compare; the last is the reference')
+    ap.add_argument('--minutes', type=float, default=10.0, help='training wall time of each run')
+    ap.add_argument('--override', action='append', default=[], help='section.key=value for every run (repeatable)')
+
+def _quality_run(args: argparse.Namespace) -> int:
+    if not args.minutes > 0: raise DDiffError(f'--minutes={args.minutes} is not allowed; use a positive number')
+    bench_quality(args.configs or ['configs/cpu.yaml', 'configs/cpu_ar.yaml'], args.minutes, overrides=args.override)
+    return 0
+
 BENCHMARKS: dict[str, tuple[str, Callable, Callable]] = {
+    'quality':  ('bits/char of the masked-diffusion model and the AR baseline after equal wall time', _quality_args, _quality_run),
     'producer': ('samples/s, tokens/s and bytes/token of one producer process', _producer_args, _producer_run),
     'train':    ('training tokens/s and the share of step time spent waiting for data', _train_args, _train_run),
     'sampler':  ('editing-sampler overhead over bare forwards and samples/s per batch size', _sampler_args, _sampler_run),
