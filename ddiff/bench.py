@@ -70,7 +70,7 @@ def format_rows(rows: list[dict]) -> str:
 # %% ../nbs/09_bench.ipynb #c011
 def bench_quality(configs: Sequence[str] = ('configs/cpu.yaml', 'configs/cpu_ar.yaml'),  # runs to compare (the last is the reference)
                   minutes: float = 10.0,   # wall-clock training budget of each run
-                  probe_steps: int = 10,   # steps timed first to size each run's step count
+                  probe_steps: int = 40,   # steps timed first (after 5 warm-up steps) to size each run's step count
                   overrides: Sequence[str] = (),  # extra overrides for every run
                   verbose: bool = True,
                  ) -> list[dict]:

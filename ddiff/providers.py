@@ -48,6 +48,7 @@ class DataConfig:
     partial_targets: bool = False         # random replacement: targets only at corrupted positions (default: everywhere)
     ignore_index: int = -100              # target value of positions without a target, in memory
     threads: int = 1                      # torch threads of a producer process
+    random_stage_corruption: str = 'bert' # char diffusion, `random` stages: 'bert' (80/10/10) or 'mask' (all [MASK]: the absorbing process of the ELBO)
 
 # %% ../nbs/05_providers.ipynb #c008
 def dataset_name(cfg: DataConfig) -> str:
@@ -67,6 +68,8 @@ def validate_data_config(cfg: DataConfig) -> DataConfig:
     if isinstance(cfg.ignore_index, bool) or not isinstance(cfg.ignore_index, int):
         raise ConfigError(f"data.ignore_index={cfg.ignore_index!r} is not allowed; use an integer such as -100")
     if not isinstance(cfg.partial_targets, bool): raise ConfigError(f"data.partial_targets={cfg.partial_targets!r} is not allowed; use true or false")
+    if cfg.random_stage_corruption not in ('bert', 'mask'):
+        raise ConfigError(f"data.random_stage_corruption={cfg.random_stage_corruption!r} is not allowed; use 'bert' or 'mask'")
     name = dataset_name(cfg)
     if not re.fullmatch(r'[A-Za-z0-9._-]+', name) or name in ('.', '..'):
         raise ConfigError(f"data.dataset={name!r} is not a usable folder name; use letters, digits, '.', '_' and '-'")
@@ -222,7 +225,8 @@ class Provider:
                     mixture=list(validate_mixture(list(c.mixture))) if rr else None,  # recipe-specific keys are null otherwise
                     original_token_multiplier=float(c.original_token_multiplier) if rr else None,
                     extra_special_ids=self.extra_special_ids, partial_targets=c.partial_targets if rr else None,
-                    token_dtype='uint8', val_files=c.val_files)
+                    token_dtype='uint8', val_files=c.val_files,
+                    random_stage_corruption=None if rr else c.random_stage_corruption)
 
     # --- random streams and windows -------------------------------------------------------------
     def make_generator(self, seed: int, split: str, seq: int) -> torch.Generator:
@@ -305,7 +309,7 @@ class CharDiffusionProvider(Provider):
     recipe = 'char_diffusion'
     def corrupt(self, x0, mask, row_stage, split, g):
         x = where_u8(mask, torch.tensor(self.mask_id, dtype=torch.uint8), x0)  # (R, T)
-        bert = [s for s, st in enumerate(self.stages[split]) if st['type'] == 'random']
+        bert = [s for s, st in enumerate(self.stages[split]) if st['type'] == 'random' and self.cfg.random_stage_corruption == 'bert']
         if bert:
             rows = torch.isin(row_stage, torch.tensor(bert)).nonzero().flatten()  # rows of random stages
             if len(rows): x[rows] = bert_corrupt(x0[rows], mask[rows], self.mask_id, self.candidates, g).to(torch.uint8)
