@@ -5,7 +5,7 @@
 # %% ../nbs/14_sample_edit.ipynb #c002
 from __future__ import annotations
 import dataclasses, math, time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +18,8 @@ from .sampling import (ForwardLog, LiveView, Trajectory, K, active_logits, allow
 # %% auto #0
 __all__ = ['FILLERS', 'LENGTH_MODES', 'NEG', 'EditConfig', 'gap_scores', 'fit_gain', 'deletion_scores', 'topk_mask',
            'cooldown_mask', 'gap_blocked', 'Edited', 'apply_edits', 'edit_counts', 'SampleResult', 'vocab_chars',
-           'model_shape', 'check_prompt_fits', 'merge_trajectories', 'sample_edit', 'replay_forwards', 'bench_sampler']
+           'model_shape', 'check_prompt_fits', 'merge_trajectories', 'run_sampler', 'sample_edit', 'replay_forwards',
+           'bench_sampler']
 
 # %% ../nbs/14_sample_edit.ipynb #c005
 FILLERS = ('space', 'mask', 'random')
@@ -316,14 +317,13 @@ def merge_trajectories(parts: list[Trajectory]) -> Trajectory:
         if parts[0].views: out.views.append(sum((p.views[r] for p in parts), []))
     return out
 
-def sample_edit(model: torch.nn.Module,      # a random-replacement denoiser (ddiff Transformer), eval mode
-                vocab: Any,                  # its Vocab (or the list of its characters)
-                cfg: EditConfig | dict | None = None,  # knobs (a dict is read as a `sample:` section)
-                prompt: str = '',            # inline text, 'FILE:path' or ''
-                live: LiveView | None = None,  # terminal view redrawn after every round
+def run_sampler(name: str,                  # 'edit' or 'unmask' (the trajectory's label)
+                batch_fn: Callable,         # (model, chars, cfg, prompt_ids, rows, traj, log, live) -> (ids (B, W), lengths (B,))
+                model: torch.nn.Module, vocab: Any, cfg: Any,  # the sampler's model, vocabulary and validated config
+                prompt: str, live: LiveView | None,
+                rounds: int,                # model calls per batch, recorded in the forward log
                ) -> SampleResult:
-    "Generate `cfg.num_samples` texts with the editing sampler."
-    cfg = (dataclass_from_dict(EditConfig, cfg, 'sample') if isinstance(cfg, dict) else cfg or EditConfig()).validate()
+    "The driver both samplers share: prompt checks, batches of `cfg.batch_size` rows, decoding and timing."
     chars = vocab_chars(vocab)
     text = resolve_prompt(prompt)
     prompt_ids = encode_text(chars, text)
@@ -333,13 +333,23 @@ def sample_edit(model: torch.nn.Module,      # a random-replacement denoiser (dd
     log, texts, parts = ForwardLog(), [], []
     for s in range(0, cfg.num_samples, cfg.batch_size):
         rows = range(s, min(s + cfg.batch_size, cfg.num_samples))
-        traj = Trajectory('edit', chars)
-        x, lengths = _edit_batch(model, chars, cfg, prompt_ids, rows, traj, log, live)
+        traj = Trajectory(name, chars)
+        x, lengths = batch_fn(model, chars, cfg, prompt_ids, rows, traj, log, live)
         texts += [decode_ids(chars, x[b, :n].tolist()) for b, n in enumerate(lengths.tolist())]
         parts.append(traj)
     if live is not None: live.close()
-    log.rounds = cfg.max_iterations
+    log.rounds = rounds
     return SampleResult(texts, text, merge_trajectories(parts), log, time.perf_counter() - t0)
+
+def sample_edit(model: torch.nn.Module,      # a random-replacement denoiser (ddiff Transformer), eval mode
+                vocab: Any,                  # its Vocab (or the list of its characters)
+                cfg: EditConfig | dict | None = None,  # knobs (a dict is read as a `sample:` section)
+                prompt: str = '',            # inline text, 'FILE:path' or ''
+                live: LiveView | None = None,  # terminal view redrawn after every round
+               ) -> SampleResult:
+    "Generate `cfg.num_samples` texts with the editing sampler."
+    cfg = (dataclass_from_dict(EditConfig, cfg, 'sample') if isinstance(cfg, dict) else cfg or EditConfig()).validate()
+    return run_sampler('edit', _edit_batch, model, vocab, cfg, prompt, live, cfg.max_iterations)
 
 # %% ../nbs/14_sample_edit.ipynb #c040
 def _sync(dev: torch.device) -> None:

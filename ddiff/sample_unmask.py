@@ -13,7 +13,7 @@ from .core import DDiffError, ConfigError, check_fraction, check_positive, datac
 from .sampling import (ForwardLog, LiveView, Trajectory, K, active_logits, allowed_ids, check_schedule,
                             check_temperature, decode_ids, draw_tokens, encode_text, resolve_prompt, row_generators,
                             row_uniform, schedule_value)
-from .sample_edit import SampleResult, check_prompt_fits, merge_trajectories, model_shape, topk_mask, vocab_chars
+from .sample_edit import SampleResult, check_prompt_fits, merge_trajectories, model_shape, run_sampler, topk_mask, vocab_chars
 
 # %% auto #0
 __all__ = ['SELECTIONS', 'UnmaskConfig', 'masked_after', 'entropy', 'sample_unmask']
@@ -131,19 +131,4 @@ def sample_unmask(model: torch.nn.Module,   # a char-diffusion (masked) denoiser
                  ) -> SampleResult:
     "Generate `cfg.num_samples` texts with the confidence-unmasking sampler."
     cfg = (dataclass_from_dict(UnmaskConfig, cfg, 'sample') if isinstance(cfg, dict) else cfg or UnmaskConfig()).validate()
-    chars = vocab_chars(vocab)
-    text = resolve_prompt(prompt)
-    prompt_ids = encode_text(chars, text)
-    W, V = model_shape(model)
-    check_prompt_fits(len(prompt_ids), W)
-    t0 = time.perf_counter()
-    log, texts, parts = ForwardLog(), [], []
-    for s in range(0, cfg.num_samples, cfg.batch_size):
-        rows = range(s, min(s + cfg.batch_size, cfg.num_samples))
-        traj = Trajectory('unmask', chars)
-        x, lengths = _unmask_batch(model, chars, cfg, prompt_ids, rows, traj, log, live)
-        texts += [decode_ids(chars, x[b, :n].tolist()) for b, n in enumerate(lengths.tolist())]
-        parts.append(traj)
-    if live is not None: live.close()
-    log.rounds = cfg.steps
-    return SampleResult(texts, text, merge_trajectories(parts), log, time.perf_counter() - t0)
+    return run_sampler('unmask', _unmask_batch, model, vocab, cfg, prompt, live, cfg.steps)
