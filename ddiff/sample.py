@@ -14,8 +14,8 @@ from .sample_edit import EditConfig, SampleResult, sample_edit
 from .sample_unmask import UnmaskConfig, sample_unmask
 
 # %% auto #0
-__all__ = ['SAMPLERS', 'CLI_KEYS', 'sampler_for_recipe', 'preset_path', 'sample_settings', 'split_settings', 'load_for_sampling',
-           'sample_checkpoint', 'format_samples', 'write_samples', 'main']
+__all__ = ['SAMPLERS', 'CLI_KEYS', 'TEXT_KEYS', 'sampler_for_recipe', 'preset_path', 'sample_settings', 'split_settings',
+           'load_for_sampling', 'sample_checkpoint', 'format_samples', 'write_samples', 'main']
 
 # %% ../nbs/17_sample.ipynb #c005
 SAMPLERS = {'edit': (EditConfig, sample_edit), 'unmask': (UnmaskConfig, sample_unmask)}
@@ -36,12 +36,15 @@ def preset_path(name: str) -> Path:
     known = sorted(f.stem for f in (project_root() / 'configs' / 'sample').glob('*.yaml'))
     raise ConfigError(f"config={name!r} is neither a YAML file nor a preset; presets: {', '.join(known) or '(none)'}")
 
+TEXT_KEYS = ('prompt', 'out', 'config', 'device', 'sampler')  # settings taken as raw text from key=value
+
 def sample_settings(overrides: list[str] = ()) -> dict:
     "The `sample:` settings from an optional preset (`config=`) plus `key=value` overrides (later wins)."
     given = {}
     for text in overrides:
         keys, value = parse_override(text)
         if keys[0] == 'sample' and len(keys) == 2: keys = keys[1:]
+        if keys[-1] in TEXT_KEYS: value = text.split('=', 1)[1]  # 'prompt=ROMEO:' is text, not YAML (a mapping)
         if len(keys) != 1: raise ConfigError(f"override {text!r} names a nested key; use key=value or sample.key=value")
         given[keys[0]] = value
     out: dict[str, Any] = {}
