@@ -78,14 +78,20 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                key_mask: torch.Tensor | None = None,  # (B, T) bool, True for real tokens: padding keys get no attention
+               ) -> torch.Tensor:
         "Attend over `x` (B, T, C) with RoPE tables (T, hs/2); returns (B, T, C)."
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)                         # (B, T, C) each
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)       # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                           is_causal=self.causal)     # (B, nh, T, hs)
+        mask = None
+        if key_mask is not None:
+            mask = key_mask[:, None, None, :]                          # (B, 1, 1, T)
+            if self.causal: mask = mask & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # (B, 1, T, T)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+                                           is_causal=self.causal and mask is None)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)              # (B, T, C)
         return self.resid_drop(self.proj(y))                          # (B, T, C)
 
@@ -110,9 +116,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         "(B, T, C) -> (B, T, C)."
-        x = x + self.attn(self.ln_1(x), cos, sin)  # (B, T, C)
+        x = x + self.attn(self.ln_1(x), cos, sin, key_mask)  # (B, T, C)
         return x + self.mlp(self.ln_2(x))          # (B, T, C)
 
 # %% ../nbs/10_model.ipynb #c016
@@ -145,7 +151,9 @@ class Transformer(nn.Module):
                 p.copy_(torch.randn(p.shape, generator=g, device=g.device) * std)
             # LayerNorm weights keep their initial value 1
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor,
+                key_mask: torch.Tensor | None = None,  # (B, T) bool, True for real tokens; rows padded at the end keep their logits
+               ) -> torch.Tensor:
         "Logits (B, T, vocab_size) for token ids `idx` (B, T), any T <= block_size."
         if idx.dim() != 2: raise DDiffError(f"model input has shape {tuple(idx.shape)}; expected (batch, time) token ids")
         B, T = idx.shape
@@ -153,7 +161,7 @@ class Transformer(nn.Module):
             raise DDiffError(f"sequence length {T} exceeds model.block_size={self.cfg.block_size}; use at most block_size tokens")
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, hs/2) each
         x = self.drop(self.wte(idx))                     # (B, T, C)
-        for block in self.blocks: x = block(x, cos, sin) # (B, T, C)
+        for block in self.blocks: x = block(x, cos, sin, key_mask)  # (B, T, C)
         return self.head(self.ln_f(x))                   # (B, T, V)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -177,7 +185,7 @@ def loss_fn(logits: torch.Tensor,     # (B, T, V) unnormalised scores
     count = (targets != ignore_index).sum().clamp(min=1)                   # scalar
     return total / count
 
-# %% ../nbs/10_model.ipynb #c023
+# %% ../nbs/10_model.ipynb #c025
 def param_groups(model: nn.Module, weight_decay: float, decay_embedding: bool = False) -> list[dict]:
     "AdamW parameter groups: matrices (dim >= 2) with `weight_decay`, everything else without."
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}

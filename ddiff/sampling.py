@@ -132,10 +132,15 @@ def active_logits(model: torch.nn.Module,     # maps ids (B, T) to logits (B, T,
                   x: torch.Tensor,            # (B, W) ids, padded beyond each row's length
                   lengths: torch.Tensor,      # (B,) active length of each row
                   log: ForwardLog | None = None,
+                  padded: bool | None = None, # one call with a key-padding mask; None: yes off the CPU, no on it
                  ) -> torch.Tensor:
     "Logits (B, L, V), L = max length; row b's logits come from its first lengths[b] ids only (zeros beyond)."
     lens = lengths.tolist()
     L = max(lens)
+    if (x.device.type != 'cpu' if padded is None else padded) and min(lens) < L:
+        if log is not None: log.shapes.append((x.size(0), L))
+        key_mask = torch.arange(L, device=x.device)[None] < lengths[:, None]  # (B, L)
+        return model(x[:, :L], key_mask=key_mask).masked_fill(~key_mask[..., None], 0.0)  # (B, L, V)
     groups: dict[int, list[int]] = {}
     for b, n in enumerate(lens): groups.setdefault(n, []).append(b)
     if len(groups) == 1:
