@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from .core import DDiffError, ConfigError, make_generator, check_positive
 from .corpus import load_corpus, CorpusData, Vocab
 from .masking import stage_mask, run_lengths, runs_per_row, MASKERS, MASKER_PARAMS
-from .corruption import (validate_mixture, mixture_corrupt, KIND_NONE, KIND_RANDOM, KIND_MASK, KIND_FRAGMENT,
+from .corruption import (validate_mixture, KIND_NONE, KIND_RANDOM, KIND_MASK, KIND_FRAGMENT,
                               DEFAULT_MIXTURE)
 from .providers import DataConfig, make_provider, RECIPES
 
@@ -52,10 +52,8 @@ def corrupt_example(recipe: str = 'char_diffusion', # 'char_diffusion' or 'char_
     g = make_generator(seed, 'explorer', recipe)
     x0 = p.sample_rows('train', rows, g)                            # (R, T) uint8
     mask = stage_mask(p.stages['train'][0], rows, block_size, g)    # (R, T) bool
-    if recipe == 'char_random_replacement':  # as CharRandomReplacementProvider.corrupt, keeping the kinds
-        mix = validate_mixture(list(mixture))
-        fragments = p.sample_rows('train', rows, g) if mix[2] > 0 else None  # (R, T)
-        x, kind = mixture_corrupt(x0, mask, mix, p.candidates, multiplier, p.mask_id, g, fragments)
+    if recipe == 'char_random_replacement':  # the provider's own corruption step, with the kind of every position
+        x, kind = p.corrupt_with_kinds(x0, mask, 'train', g)
     else:
         x, _ = p.corrupt(x0, mask, torch.zeros(rows, dtype=torch.long), 'train', g)  # (R, T)
         kind = torch.where(x == p.mask_id, KIND_MASK, torch.where(mask, KIND_RANDOM, KIND_NONE)).to(torch.uint8)

@@ -17,12 +17,13 @@ from .corpus import load_corpus, window_starts, CorpusData
 from .masking import bert_corrupt, stage_mask
 from .stages import validate_stages, assign_stages, DEFAULT_TRAIN_STAGES, DEFAULT_VAL_STAGES
 from .corruption import candidate_ids, validate_mixture, mixture_corrupt, check_multiplier, where_u8
+from .consumer import queue_file_name, list_queue_files, read_queue_file  # the file format's one reader and naming
 
 # %% auto #0
 __all__ = ['FORMAT_VERSION', 'STORED_IGNORE', 'RECIPES', 'SPLITS', 'PROVIDERS', 'DataConfig', 'dataset_name',
-           'validate_data_config', 'queue_dir', 'file_name', 'meta_hash', 'meta_differences', 'check_existing_meta',
-           'safetensors_bytes', 'read_queue_file', 'list_queue_files', 'claim_seq', 'reset_train_split', 'Provider',
-           'CharDiffusionProvider', 'CharRandomReplacementProvider', 'make_provider', 'temporary_data_root']
+           'validate_data_config', 'queue_dir', 'meta_hash', 'meta_differences', 'check_existing_meta',
+           'safetensors_bytes', 'claim_seq', 'reset_train_split', 'Provider', 'CharDiffusionProvider',
+           'CharRandomReplacementProvider', 'make_provider', 'temporary_data_root']
 
 # %% ../nbs/05_providers.ipynb #c006
 FORMAT_VERSION = 1   # bump when the file layout changes
@@ -86,10 +87,6 @@ def queue_dir(cfg: DataConfig) -> Path:
     "The queue folder of `cfg`: data_root()/<dataset>/queue."
     return data_root() / dataset_name(cfg) / 'queue'
 
-def file_name(split: str, seq: int) -> str:
-    "Name of queue file number `seq` of `split`, e.g. 'train-00000042.safetensors'."
-    return f'{split}-{seq:08d}.safetensors'
-
 def meta_hash(meta: dict) -> str:
     "First 16 hex digits of the SHA-256 of the canonical (sorted, compact) JSON of `meta` (its own 'meta_hash' key excluded)."
     body = {k: v for k, v in meta.items() if k != 'meta_hash'}
@@ -135,25 +132,7 @@ def safetensors_bytes(tensors: dict[str, torch.Tensor], # name -> CPU tensor
     h += b' ' * (-len(h) % 8)  # the format pads the header to a multiple of 8 bytes
     return struct.pack('<Q', len(h)) + h + b''.join(blobs)
 
-def read_queue_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    "The tensors and header metadata of one queue file."
-    from safetensors import safe_open
-    with safe_open(str(path), framework='pt') as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-
 # %% ../nbs/05_providers.ipynb #c014
-_SEQ_RE = re.compile(r'^(train|val)-(\d{8})\.safetensors$')
-
-def list_queue_files(folder: Path, split: str) -> list[tuple[int, Path]]:
-    "(seq, path) of the finished files of `split` in `folder`, sorted by seq (temporary files skipped)."
-    out = []
-    try: entries = list(os.scandir(folder))
-    except FileNotFoundError: return []
-    for e in entries:
-        m = _SEQ_RE.match(e.name)
-        if m and m.group(1) == split: out.append((int(m.group(2)), Path(e.path)))
-    return sorted(out)
-
 def claim_seq(folder: Path) -> int:
     "Atomically take the next train sequence number from the counter file `folder/.seq`."
     folder.mkdir(parents=True, exist_ok=True)
@@ -163,7 +142,7 @@ def claim_seq(folder: Path) -> int:
         if text:
             if not text.isdigit(): raise DDiffError(f"sequence counter {str(folder / '.seq')!r} holds {text[:20]!r}; delete it to continue numbering after the files present")
             seq = int(text)
-        else: seq = max([s for s, _ in list_queue_files(folder, 'train')], default=-1) + 1
+        else: seq = max(list_queue_files(folder, 'train'), default=-1) + 1
         f.seek(0); f.truncate(); f.write(f'{seq + 1}\n'); f.flush(); os.fsync(f.fileno())
     return seq
 
@@ -172,7 +151,7 @@ def reset_train_split(queue: Path) -> int:
     "Delete the train files and sequence counter under `queue` (files are regenerable); return how many files went."
     folder = Path(queue) / 'train'
     files = list_queue_files(folder, 'train')
-    for _, p in files: p.unlink(missing_ok=True)
+    for p in files.values(): p.unlink(missing_ok=True)
     (folder / '.seq').unlink(missing_ok=True)
     return len(files)
 
@@ -277,7 +256,7 @@ class Provider:
     def write_file(self, split: str, seq: int) -> Path:
         "Make, serialise and atomically write file `seq` of `split`; returns its path."
         data = self.serialize(self.make_file(split, seq), split, seq)
-        return atomic_write_bytes(self.split_dir(split) / file_name(split, seq), data)
+        return atomic_write_bytes(self.split_dir(split) / queue_file_name(split, seq), data)
 
     def init_queue(self) -> Path:
         "Create the queue folders and meta.json, refusing a queue whose existing meta differs; returns the queue folder."
@@ -290,7 +269,7 @@ class Provider:
         "Write the missing validation files (seq 0..val_files-1); existing ones are kept."
         out = []
         for seq in range(self.cfg.val_files):
-            p = self.split_dir('val') / file_name('val', seq)
+            p = self.split_dir('val') / queue_file_name('val', seq)
             if not p.exists(): self.write_file('val', seq)
             out.append(p)
         return out
@@ -320,11 +299,16 @@ class CharDiffusionProvider(Provider):
 class CharRandomReplacementProvider(Provider):
     "Random replacement: masked positions get random characters / [MASK] / train fragments; full targets by default."
     recipe = 'char_random_replacement'
-    def corrupt(self, x0, mask, row_stage, split, g):
+    def corrupt_with_kinds(self, x0, mask, split, g):
+        "Corrupted ids (R, T) and the corruption kind (KIND_*) of every position, as this recipe fills masked positions."
         c = self.cfg
         mixture = validate_mixture(list(c.mixture)) if split == 'train' else (1.0, 0.0, 0.0)
         fragments = self.sample_rows('train', len(x0), g) if split == 'train' and mixture[2] > 0 else None  # (R, T)
-        x, _ = mixture_corrupt(x0, mask, mixture, self.candidates, c.original_token_multiplier, self.mask_id, g, fragments)
+        return mixture_corrupt(x0, mask, mixture, self.candidates, c.original_token_multiplier, self.mask_id, g, fragments)
+
+    def corrupt(self, x0, mask, row_stage, split, g):
+        c = self.cfg
+        x, _ = self.corrupt_with_kinds(x0, mask, split, g)
         y = where_u8(mask, x0, torch.tensor(STORED_IGNORE, dtype=torch.uint8)) if c.partial_targets else x0  # (R, T)
         return x, y
 
