@@ -424,7 +424,7 @@ def train(cfg: dict | str | os.PathLike,  # nested config dict, or a YAML file p
                 for micro in range(tc.grad_accum):
                     t0 = time.time(); x, y = train_src.next_batch(); dt = time.time() - t0
                     wait += dt; step_wait += dt
-                    if not causal and (seq := train_src.state_dict()['seq']) is not None: files_seen.add(seq)
+                    if not causal and train_src.last_seq is not None: files_seen.add(train_src.last_seq)  # the file this batch came from
                     sync = contextlib.nullcontext() if not info.enabled or micro == tc.grad_accum - 1 else model.no_sync()
                     with sync:
                         with amp(): logits = model(x)              # (B, T, V)
