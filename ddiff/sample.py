@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .core import ConfigError, DDiffError, atomic_write_text, dataclass_from_dict, load_yaml, parse_override, project_root
-from .sampling import SAMPLER_RECIPES, LiveView, check_recipe
+from .sampling import LiveView, check_recipe
 from .sample_edit import EditConfig, SampleResult, sample_edit
 from .sample_unmask import UnmaskConfig, sample_unmask
 
@@ -22,10 +22,11 @@ SAMPLERS = {'edit': (EditConfig, sample_edit), 'unmask': (UnmaskConfig, sample_u
 CLI_KEYS = {'sampler': '', 'prompt': '', 'out': '', 'device': 'auto', 'config': '', 'live': True}  # keys that are not sampler knobs
 
 def sampler_for_recipe(recipe: str | None) -> str:
-    "The sampler that suits a checkpoint trained with `recipe`."
-    for s, r in SAMPLER_RECIPES.items():
-        if r == recipe: return s
-    raise DDiffError(f"checkpoint recipe {recipe!r} has no sampler; known recipes: {', '.join(SAMPLER_RECIPES.values())}")
+    "The default sampler of the recipe a checkpoint was trained with."
+    from ddiff.recipes import get_recipe
+    r = get_recipe(str(recipe))
+    if not r.samplers: raise DDiffError(f"checkpoint recipe {recipe!r} has no sampler in ddiff sample; use one of {', '.join(n for n in SAMPLERS)} with a diffusion recipe")
+    return r.samplers[0]
 
 def preset_path(name: str) -> Path:
     "A preset's YAML file: `name` if it is a file, else configs/sample/<name>.yaml in the project."
