@@ -16,10 +16,10 @@ from .checkpoint import BEST, LAST, check_compatible, load_checkpoint, save_chec
 from .recipes import add_stats, get_recipe, summarize
 
 # %% auto #0
-__all__ = ['AUTOCAST_DTYPES', 'SECTIONS', 'TrainConfig', 'validate_train_config', 'lr_at', 'resolve_config', 'DistInfo',
-           'setup_distributed', 'read_metrics', 'Run', 'TrainState', 'setup_run', 'start_data', 'stop_data',
-           'build_state', 'restore_state', 'save_state', 'evaluate_batches', 'train_step', 'evaluate_and_save',
-           'stop_on_signals', 'log_train', 'train_loop', 'final_eval', 'train', 'main', 'scratch_dirs', 'plot_metrics']
+__all__ = ['AUTOCAST_DTYPES', 'TrainConfig', 'validate_train_config', 'lr_at', 'DistInfo', 'setup_distributed', 'read_metrics',
+           'Run', 'TrainState', 'setup_run', 'start_data', 'stop_data', 'build_state', 'restore_state', 'save_state',
+           'evaluate_batches', 'train_step', 'evaluate_and_save', 'stop_on_signals', 'log_train', 'train_loop',
+           'final_eval', 'train', 'main', 'scratch_dirs', 'plot_metrics']
 
 # %% ../nbs/12_train.ipynb #c006
 AUTOCAST_DTYPES = {'none': None, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
@@ -79,36 +79,6 @@ def lr_at(step: int,  # optimizer steps taken so far (0 for the first step)
     if step >= decay: return tc.min_lr
     ratio = (step - tc.warmup_steps) / max(1, decay - tc.warmup_steps)
     return tc.min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (tc.lr - tc.min_lr)
-
-# %% ../nbs/12_train.ipynb #c016
-SECTIONS = ('data', 'model', 'train', 'eval', 'sample', 'experiment')  # training reads data/model/train/eval; the others pass through
-
-def _fields(cls) -> dict: return {f.name: None for f in dataclasses.fields(cls)}
-
-def resolve_config(cfg: dict,  # nested config (a loaded YAML file)
-                   overrides: list[str] | tuple = (),  # 'section.key=value' strings
-                  ) -> dict:
-    "Typed configs `{'data': DataConfig, 'model': dict, 'train': TrainConfig, 'eval': EvalConfig, 'sample': dict}` after overrides."
-    from ddiff.providers import DataConfig, validate_data_config
-    from ddiff.model import ModelConfig
-    from ddiff.evaluate import EvalConfig
-    bad = [k for k in cfg if k not in SECTIONS]
-    if bad: raise ConfigError(f"unknown config section {bad[0]!r}; allowed: {', '.join(SECTIONS)}")
-    allowed = {'data': _fields(DataConfig), 'model': _fields(ModelConfig),  # block_size/vocab_size: refused below, with the reason
-               'train': _fields(TrainConfig), 'eval': _fields(EvalConfig), 'sample': dict(cfg.get('sample') or {}),
-               'experiment': dict(cfg.get('experiment') or {})}
-    cfg = apply_overrides(cfg, overrides, allowed)
-    data = validate_data_config(dataclass_from_dict(DataConfig, cfg.get('data'), 'data'))
-    model = dict(cfg.get('model') or {})
-    for k in ('block_size', 'vocab_size'):
-        if k in model: raise ConfigError(f"model.{k} is taken from the data (data.block_size / the vocabulary); remove model.{k} from the config")
-    causal = get_recipe(data.recipe).causal
-    if model.pop('causal', causal) != causal:
-        raise ConfigError(f"model.causal={not causal} does not fit data.recipe={data.recipe!r}; the recipe sets it (data.recipe=autoregressive for the causal baseline)")
-    ModelConfig(**{**dataclasses.asdict(dataclass_from_dict(ModelConfig, model, 'model')), 'block_size': data.block_size}).validate()
-    train = validate_train_config(dataclass_from_dict(TrainConfig, cfg.get('train'), 'train'))
-    ev = dataclass_from_dict(EvalConfig, cfg.get('eval'), 'eval').validate()
-    return {'data': data, 'model': model, 'train': train, 'eval': ev, 'sample': dict(cfg.get('sample') or {})}
 
 # %% ../nbs/12_train.ipynb #c022
 @dataclasses.dataclass
@@ -191,7 +161,7 @@ def _set_rng_state(r: dict, device: torch.device) -> None:
 @dataclasses.dataclass
 class Run:
     "The fixed context of a training run: configs, recipe, run folder, process group, device and data meta."
-    rc: dict                      # resolved config sections (see `resolve_config`)
+    rc: Any                       # the whole config (`ddiff.config.RunConfig`)
     recipe: Any                   # the `Recipe` of data.recipe
     out: Path                     # run folder (checkpoints, metrics)
     info: DistInfo
@@ -203,9 +173,9 @@ class Run:
     val: list | None = None       # fixed validation batches (rank 0)
     metrics: Any = None           # the `_Metrics` log
     @property
-    def tc(self) -> TrainConfig: return self.rc['train']
+    def tc(self) -> TrainConfig: return self.rc.train
     @property
-    def dc(self): return self.rc['data']
+    def dc(self): return self.rc.data
 
 @dataclasses.dataclass
 class TrainState:
@@ -220,11 +190,10 @@ class TrainState:
 # %% ../nbs/12_train.ipynb #c026
 def setup_run(cfg: dict | str | os.PathLike, overrides: list[str] | tuple = ()) -> Run:
     "Resolve the config, find the recipe, join the process group and check that the run folder is writable."
-    name = 'run'
-    if not isinstance(cfg, dict): name, cfg = Path(cfg).stem, load_yaml(cfg)
-    rc = resolve_config(cfg, overrides)
-    tc, dc = rc['train'], rc['data']
-    tc.name = tc.name or name
+    from ddiff.config import load_config  # the config notebook comes later (it knows every section)
+    rc = load_config(cfg, overrides)
+    tc, dc = rc.train, rc.data
+    tc.name = tc.name or rc.name
     out = Path(tc.out_dir) if tc.out_dir else outputs_root() / 'runs' / tc.name
     info, device = setup_distributed(tc.device)
     amp_dtype = AUTOCAST_DTYPES[tc.autocast]
@@ -264,11 +233,11 @@ def _model_signature(d: dict) -> dict:
 
 def build_state(run: Run, data, ckpt: dict | None) -> tuple[TrainState, torch.nn.Module]:
     "A fresh (or resumed) `TrainState`, and the model to call in the loop (compiled and/or DDP-wrapped)."
-    from ddiff.model import ModelConfig, configure_optimizer
+    from ddiff.model import configure_optimizer
     tc, info = run.tc, run.info
     if ckpt is not None: check_compatible(ckpt['data_meta'], run.meta)
-    run.mc = mc = ModelConfig(**{**run.rc['model'], 'block_size': run.meta['block_size'], 'vocab_size': run.meta['vocab_size'],
-                                 'causal': run.recipe.causal}).validate()
+    run.mc = mc = dataclasses.replace(run.rc.model, block_size=run.meta['block_size'], vocab_size=run.meta['vocab_size'],
+                                      causal=run.recipe.causal).validate()
     if ckpt is not None and _model_signature(ckpt['model_cfg']) != _model_signature(dataclasses.asdict(mc)):
         diff = next(k for k, v in _model_signature(dataclasses.asdict(mc)).items() if ckpt['model_cfg'].get(k) != v)
         raise ConfigError(f"cannot resume: checkpoint has model.{diff}={ckpt['model_cfg'].get(diff)!r} but the config has {getattr(mc, diff)!r}; use the same model or resume=false")
@@ -437,7 +406,7 @@ def final_eval(run: Run, st: TrainState) -> dict:
     if run.meta.get('corpus_sha256') not in (None, corpus.sha256):
         raise DDiffError(f"corpus {run.meta['corpus']!r} changed since its queue was prepared (sha256 {corpus.sha256[:12]}... vs {run.meta['corpus_sha256'][:12]}...); re-run prepare")
     model.eval()
-    r = run.recipe.bpc(model, corpus, run.meta, run.rc['eval'])
+    r = run.recipe.bpc(model, corpus, run.meta, run.rc.eval)
     out = {'final/bpc': float(r['bpc']), 'final/n_chars': int(r['n_chars']), 'final/kind': r['kind']}
     if 'stderr' in r: out['final/bpc_stderr'] = float(r['stderr'])
     if r.get('caveat'): out['final/caveat'] = r['caveat']
@@ -451,10 +420,7 @@ def _prepare_out(run: Run, ckpt: dict | None) -> None:
     run.out.mkdir(parents=True, exist_ok=True)
     if ckpt is None:  # a fresh run: checkpoints of an earlier run in this folder must not pass for this one's
         for stale in (LAST, BEST): (run.out / stale).unlink(missing_ok=True)
-    rc = run.rc
-    (run.out / 'config.json').write_text(json.dumps({'data': dataclasses.asdict(rc['data']), 'model': dataclasses.asdict(run.mc),
-                                                     'train': dataclasses.asdict(rc['train']), 'eval': dataclasses.asdict(rc['eval']),
-                                                     'sample': rc['sample']}, indent=2))
+    (run.out / 'config.json').write_text(json.dumps(run.rc.to_dict(), indent=2))  # loads again with load_config
 
 def train(cfg: dict | str | os.PathLike,  # nested config dict, or a YAML file path
           overrides: list[str] | tuple = (),  # 'section.key=value' strings
