@@ -178,13 +178,14 @@ def _sampler_run(args: argparse.Namespace) -> int:
     return 0
 
 def _quality_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument('configs', nargs='*', default=['configs/cpu.yaml', 'configs/cpu_ar.yaml'], help='configs to compare; the last is the reference')
+    ap.add_argument('args', nargs='*', help='configs to compare (the last is the reference; default: configs/cpu.yaml configs/cpu_ar.yaml), '
+                                             'then section.key=value overrides for every run')
     ap.add_argument('--minutes', type=float, default=10.0, help='training wall time of each run')
-    ap.add_argument('--override', action='append', default=[], help='section.key=value for every run (repeatable)')
 
 def _quality_run(args: argparse.Namespace) -> int:
     if not args.minutes > 0: raise DDiffError(f'--minutes={args.minutes} is not allowed; use a positive number')
-    bench_quality(args.configs or ['configs/cpu.yaml', 'configs/cpu_ar.yaml'], args.minutes, overrides=args.override)
+    configs = [a for a in args.args if '=' not in a] or ['configs/cpu.yaml', 'configs/cpu_ar.yaml']
+    bench_quality(configs, args.minutes, overrides=[a for a in args.args if '=' in a])
     return 0
 
 BENCHMARKS: dict[str, tuple[str, Callable, Callable]] = {
