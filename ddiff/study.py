@@ -353,8 +353,11 @@ def plot_judge_vs_entropy(study: dict, path: str | Path, margin: float = 0.15) -
     if not curves: return None
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for label, pts in curves.items(): ax.plot([p['unigram_entropy'] for p in pts], [p['judge_bpc'] for p in pts], marker='o', ls='', label=label)
+    xs = [p['unigram_entropy'] for v in curves.values() for p in v] + [study['val_entropy']]
+    lo, hi = min(xs + [study['val_entropy'] - margin]) - 0.1, max(xs) + 0.1
     ax.axvline(study['val_entropy'], color='k', lw=1, label='validation text')
-    ax.axvspan(ax.get_xlim()[0], study['val_entropy'] - margin, color='tab:red', alpha=0.08, label=f'more than {margin} bits below')
+    ax.axvspan(lo, study['val_entropy'] - margin, color='tab:red', alpha=0.08, label=f'more than {margin} bits below')
+    ax.set_xlim(lo, hi)
     ax.set_xlabel('unigram entropy of samples (bits)'); ax.set_ylabel('judge bits/char of samples')
     ax.legend(fontsize=7); fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
     return Path(path)
