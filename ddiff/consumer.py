@@ -203,7 +203,7 @@ class Consumer:
         self._pending: tuple[int, Path, Future] | None = None  # the next file, loading on the thread
         self._resume: tuple[int | None, int] | None = None     # a position from load_state_dict, applied on the next batch
         self._bad: set[int] = set()             # files that failed or are not regular files: never tried again
-        self._served: set[int] = self._mine(list_queue_files(self.consumed, split)) if split == 'train' else set()  # in consumed/, served
+        self._served: set[int] = set()          # files in consumed/ served before the current position (deleted by commit)
         self.last_stage: int | None = None      # stage index of the batch served last (for per-stage losses)
         self.last_seq: int | None = None        # seq of the file the batch served last came from
         if split == 'val':
