@@ -256,7 +256,7 @@ def dataclass_from_dict(cls: type, d: dict | None, where: str = '') -> Any:
 
 # %% ../nbs/00_core.ipynb #c025
 def check_positive(name: str, value: float, integer: bool = False) -> None:
-    "Raise a one-line `ConfigError` unless `value` is a finite positive number (and an integer when `integer`)."
+    "Raise a one-line `ConfigError` unless `value` is positive and finite (and an integer when `integer`)."
     if (isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int))
             or not 0 < value < math.inf):
         raise ConfigError(f"{name}={value!r} is not allowed; use a positive {'integer' if integer else 'finite number'}")
