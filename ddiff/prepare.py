@@ -113,7 +113,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument('config', help="experiment YAML file (its data: section is used); '-' reads it from stdin")
     ap.add_argument('overrides', nargs='*', help='overrides such as data.block_size=128 (other sections are ignored)')
     ap.add_argument('--max-files', type=int, default=None, help='stop after writing this many train files, even beyond data.max_backlog (default: run until stopped)')
-    ap.add_argument('--quiet', action='store_true', help='no progress bar')
+    ap.add_argument('--quiet', action='store_true', help='no progress bar and no notes on stderr (errors are still shown)')
     ap.add_argument('--parent-pid', type=int, default=None, help=argparse.SUPPRESS)
     return ap
 
