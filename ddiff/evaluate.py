@@ -181,7 +181,7 @@ def ar_bpc(model: nn.Module,                 # causal model: logits at i predict
 
 # %% ../nbs/13_evaluate.ipynb #c028
 def rr_metrics(model: nn.Module,                      # denoiser: (B, T) ids -> (B, T, V) logits
-               batches: Iterable,                     # (x, y) pairs of (B, T) ids; y = ignore_index where no target
+               batches: Iterable,                     # batches {'x', 'y'} (or (x, y) pairs) of (B, T) ids; y = ignore_index where no target
                ignore_index: int | dict = -100,       # target marker of "no target", or a data meta dict holding it
                corrupted_mask: Callable | None = None,  # f(x, y) -> bool (B, T) of corrupted positions (default: x != y)
                mask_id: int | None = None,            # class excluded from predictions (default: the meta's, if given)
@@ -196,7 +196,8 @@ def rr_metrics(model: nn.Module,                      # denoiser: (B, T) ids -> 
     n_batches = 0
     dev = _place(model, device)
     with eval_mode(model), torch.no_grad():
-        for x, y in batches:
+        for b in batches:
+            x, y = (b['x'], b['y']) if isinstance(b, dict) else b
             x, y = torch.as_tensor(x).long().to(dev), torch.as_tensor(y).long().to(dev)  # (B, T)
             target = y != ignore_index                                      # (B, T)
             corrupt = (x != y) if corrupted_mask is None else corrupted_mask(x, y).to(dev).bool()

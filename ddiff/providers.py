@@ -17,16 +17,15 @@ from .corpus import load_corpus, window_starts, CorpusData
 from .masking import bert_corrupt, stage_mask
 from .stages import validate_stages, assign_stages, DEFAULT_TRAIN_STAGES, DEFAULT_VAL_STAGES
 from .corruption import candidate_ids, validate_mixture, mixture_corrupt, check_multiplier, where_u8
-from .consumer import queue_file_name, list_queue_files, read_queue_file  # the file format's one reader and naming
+from .consumer import STORED_IGNORE, queue_file_name, list_queue_files, read_queue_file  # the file format's one reader and naming
 
 # %% auto #0
-__all__ = ['FORMAT_VERSION', 'STORED_IGNORE', 'SPLITS', 'DataConfig', 'dataset_name', 'validate_data_config', 'queue_dir',
-           'meta_hash', 'meta_differences', 'check_existing_meta', 'safetensors_bytes', 'claim_seq',
-           'reset_train_split', 'Provider', 'make_provider', 'temporary_data_root']
+__all__ = ['FORMAT_VERSION', 'SPLITS', 'DataConfig', 'dataset_name', 'validate_data_config', 'queue_dir', 'meta_hash',
+           'meta_differences', 'check_existing_meta', 'safetensors_bytes', 'claim_seq', 'reset_train_split', 'Provider',
+           'make_provider', 'temporary_data_root']
 
 # %% ../nbs/05_providers.ipynb #c006
 FORMAT_VERSION = 1   # bump when the file layout changes
-STORED_IGNORE = 255  # uint8 value stored on disk where a position has no target (ignore_index in memory)
 
 @dataclasses.dataclass
 class DataConfig:
