@@ -15,10 +15,10 @@ from .sampling import allowed_ids, check_temperature, draw_tokens, row_generator
 
 # %% auto #0
 __all__ = ['BUDGET_KNOB', 'ROW_COLS', 'SAMPLE_COLS', 'StudyRow', 'StudyConfig', 'study_config', 'train_chars',
-           'check_equal_compute', 'sample_ar', 'judge_config', 'judge_dir', 'ensure_judge', 'load_judge',
-           'row_samplers', 'draw_samples', 'entropy_low', 'score_row_samples', 'row_overrides', 'run_row', 'run_study',
-           'flat_rows', 'markdown_tables', 'write_results', 'plot_bpc', 'plot_judge_vs_evals', 'plot_judge_vs_entropy',
-           'write_samples_md']
+           'check_equal_compute', 'sample_ar', 'finished_training', 'judge_config', 'judge_dir', 'ensure_judge',
+           'load_judge', 'row_samplers', 'draw_samples', 'entropy_low', 'score_row_samples', 'row_overrides', 'run_row',
+           'run_study', 'flat_rows', 'markdown_tables', 'write_results', 'plot_bpc', 'plot_judge_vs_evals',
+           'plot_judge_vs_entropy', 'write_samples_md']
 
 # %% ../nbs/18a_study.ipynb #s005
 @dataclasses.dataclass
@@ -105,6 +105,14 @@ def sample_ar(model: torch.nn.Module,  # causal ddiff Transformer: logits at i p
 # %% ../nbs/18a_study.ipynb #s014
 _RUNTIME_KEYS = {'train': ('name', 'out_dir', 'progress', 'device', 'data_timeout', 'producer', 'resume', 'compile'), 'data': ('dataset',)}
 
+def finished_training(rc) -> dict | None:
+    "The result of a training run of exactly `rc` that reached max_steps in `rc.train.out_dir`, or None."
+    d = Path(rc.train.out_dir)
+    try: res, cfg = json.loads((d / 'result.json').read_text()), json.loads((d / 'config.json').read_text())
+    except (OSError, ValueError): return None
+    same = cfg == json.loads(json.dumps(rc.to_dict()))
+    return res if same and res.get('stopped') == 'max_steps' and (res.get('best') or res.get('last')) else None
+
 def judge_config(base: dict, sc: StudyConfig):
     "The judge's run config: the base with `data.recipe=autoregressive` and the study's judge overrides."
     from ddiff.config import load_config
@@ -133,9 +141,13 @@ def ensure_judge(base: dict, sc: StudyConfig, progress: bool = True) -> dict:
     d = judge_dir(rc)
     if (d / 'judge.json').is_file():
         return {**json.loads((d / 'judge.json').read_text()), 'cached': True, 'trained': False}
+    from ddiff.config import load_config
     from ddiff.train import train
-    print(f'[study] training the AR judge into {d}', flush=True)
-    res = train(rc.to_dict(), [f'train.out_dir={d}', 'train.name=judge', f'train.progress={str(progress).lower()}', 'train.final_eval=false'])
+    ovs = [f'train.out_dir={d}', 'train.name=judge', f'train.progress={str(progress).lower()}', 'train.final_eval=false']
+    res = finished_training(load_config(rc.to_dict(), ovs))
+    if res is None:
+        print(f'[study] training the AR judge into {d}', flush=True)
+        res = train(rc.to_dict(), ovs)
     ckpt = res['best'] or res['last']
     if not ckpt: raise DDiffError(f"the judge in {d} wrote no checkpoint (stopped by {res['stopped']}); check experiment.study.judge_overrides")
     ev = evaluate_checkpoint(ckpt, [], device=rc.train.device)
@@ -226,8 +238,11 @@ def _run_row(base: dict, row: StudyRow, sc: StudyConfig, row_dir: Path, study: s
     ovs = row_overrides(study, row, row_dir, progress)
     rc = load_config(base, ovs)
     check_equal_compute(rc, load_config(base))
-    print(f'[study] row {row.name}: training {rc.data.recipe} on {train_chars(rc):,} characters', flush=True)
-    res = train(base, ovs)
+    res = finished_training(rc)
+    if res is None:
+        print(f'[study] row {row.name}: training {rc.data.recipe} on {train_chars(rc):,} characters', flush=True)
+        res = train(base, ovs)
+    else: print(f'[study] row {row.name}: reusing its finished training in {rc.train.out_dir}', flush=True)
     ckpt = res['best'] or res['last']
     if not ckpt: raise DDiffError(f"row {row.name} wrote no checkpoint (stopped by {res['stopped']})")
     t0 = time.time()
@@ -300,7 +315,7 @@ def markdown_tables(study: dict) -> str:
           '| row | recipe | bits/char | ± SE | kind | steps | train chars | train s | status |', '|---|---|---|---|---|---|---|---|---|']
     for r in study['rows']:
         if r['status'] == 'complete':
-            md.append(f"| {r['row']} | {r['recipe']} | {r['bpc']:.3f} | {r['bpc_stderr']:.3f} | {r['bpc_kind']} | {r['steps']} | {r['train_chars']:,} | {r['train_seconds']:.0f} | {'reused' if r['reused'] else 'complete'} |")
+            md.append(f"| {r['row']} | {r['recipe']} | {r['bpc']:.3f} | {r['bpc_stderr']:.3f} | {r['bpc_kind']} | {r['steps']} | {r['train_chars']:,} | {r['train_seconds']:.1f} | {'reused' if r['reused'] else 'complete'} |")
         else: md.append(f"| {r['row']} | | | | | | | | failed: {r.get('error', '').replace('|', '/')} |")
     md += ['', '| row | sampler | model evals | judge bits/char | entropy | low entropy | distinct-2 | distinct-3 | distinct-4 | repetition |', '|---|---|---|---|---|---|---|---|---|---|']
     for r in study['rows']:
