@@ -4,7 +4,7 @@
 
 # %% ../nbs/18a_study.ipynb #s002
 from __future__ import annotations
-import csv, dataclasses, hashlib, io, json, math, re, time, traceback
+import csv, dataclasses, hashlib, io, json, re, time, traceback
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +16,9 @@ from .sampling import allowed_ids, check_temperature, draw_tokens, row_generator
 # %% auto #0
 __all__ = ['BUDGET_KNOB', 'ROW_COLS', 'SAMPLE_COLS', 'StudyRow', 'StudyConfig', 'study_config', 'train_chars',
            'check_equal_compute', 'sample_ar', 'finished_training', 'judge_config', 'judge_dir', 'ensure_judge',
-           'load_judge', 'row_samplers', 'draw_samples', 'entropy_low', 'score_row_samples', 'row_overrides', 'run_row',
-           'run_study', 'flat_rows', 'markdown_tables', 'write_results', 'plot_bpc', 'plot_judge_vs_evals',
-           'plot_judge_vs_entropy', 'write_samples_md']
+           'load_judge', 'row_samplers', 'draw_samples', 'entropy_low', 'score_row_samples', 'row_overrides',
+           'row_settings', 'run_row', 'run_study', 'flat_rows', 'markdown_tables', 'write_results', 'plot_bpc',
+           'plot_judge_vs_evals', 'plot_judge_vs_entropy', 'write_samples_md']
 
 # %% ../nbs/18a_study.ipynb #s005
 @dataclasses.dataclass
@@ -208,6 +208,11 @@ def row_overrides(study: str, row: StudyRow, row_dir: Path, progress: bool) -> l
     return [*row.overrides, f'data.dataset=study-{study}-{row.name}-{h}', f'train.out_dir={row_dir / "train"}', f'train.name={row.name}',
             'train.final_eval=false', f'train.progress={str(progress).lower()}']
 
+def row_settings(base: dict, row: StudyRow, sc: StudyConfig) -> str:
+    "A hash of everything a row's result depends on: the base config, its overrides and the sampling settings."
+    keep = {k: v for k, v in dataclasses.asdict(sc).items() if k not in ('rows', 'judge', 'judge_overrides')}
+    return hashlib.sha256(json.dumps([base, row.overrides, keep], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
 def _error_line(e: BaseException) -> str:
     "The one-line reason of an exception."
     msg = str(e).strip().splitlines()
@@ -216,7 +221,11 @@ def _error_line(e: BaseException) -> str:
 def run_row(base: dict, row: StudyRow, sc: StudyConfig, study_dir: Path, study: str, judge: tuple | None, val_text: str, progress: bool = True) -> dict:
     "Train, evaluate, sample and score one row (or reuse its result.json); a failure gives a 'failed' row."
     row_dir = Path(study_dir) / 'rows' / row.name
-    if (row_dir / 'result.json').is_file(): return {**json.loads((row_dir / 'result.json').read_text()), 'reused': True}
+    if (row_dir / 'result.json').is_file():
+        r = json.loads((row_dir / 'result.json').read_text())
+        if r.get('settings') != row_settings(base, row, sc):
+            print(f'[study] row {row.name}: its result was made with other settings; delete {row_dir} to run it again', flush=True)
+        return {**r, 'reused': True}
     row_dir.mkdir(parents=True, exist_ok=True)
     (row_dir / 'error.txt').unlink(missing_ok=True)
     try: out = _run_row(base, row, sc, row_dir, study, judge, val_text, progress)
@@ -250,7 +259,7 @@ def _run_row(base: dict, row: StudyRow, sc: StudyConfig, row_dir: Path, study: s
     out = {'row': row.name, 'overrides': ' '.join(row.overrides), 'status': 'complete', 'recipe': rc.data.recipe, 'steps': res['step'],
            'stopped': res['stopped'], 'train_chars': res['step'] * rc.train.grad_accum * rc.data.batch_size * rc.data.block_size,
            'n_params': res['n_params'], 'train_seconds': round(res['elapsed_s'], 1), 'bpc': ev['bpc'], 'bpc_stderr': ev.get('stderr', 0.0),
-           'bpc_kind': ev['kind'], 'caveat': ev.get('caveat') or '', 'eval_seconds': round(time.time() - t0, 1), 'checkpoint': ckpt, 'samples': []}
+           'bpc_kind': ev['kind'], 'caveat': ev.get('caveat') or '', 'eval_seconds': round(time.time() - t0, 1), 'checkpoint': ckpt, 'settings': row_settings(base, row, sc), 'samples': []}
     model, ck = load_model(ckpt, device=rc.train.device)
     chars = ck['data_meta']['vocab']['chars']
     lines = []
