@@ -148,7 +148,11 @@ def load_model(path: str | os.PathLike,  # checkpoint file or run folder
     ckpt = load_checkpoint(path, map_location='cpu')
     if not isinstance(ckpt.get('model_cfg'), dict): raise DDiffError(f"checkpoint {ckpt['path']!r} has no model config; it was not written by 'ddiff train'")
     cfg = dataclass_from_dict(ModelConfig, ckpt['model_cfg'], 'model')
-    model = Transformer(cfg)
+    recipe = (ckpt.get('data_meta') or {}).get('recipe')
+    if recipe:  # the recipe builds its model (a recipe may add heads to the Transformer)
+        from ddiff.recipes import get_recipe
+        model = get_recipe(recipe).build_model(cfg)
+    else: model = Transformer(cfg)
     try: model.load_state_dict(ckpt['model'])
     except RuntimeError as e: raise DDiffError(f"checkpoint {ckpt['path']!r} weights do not fit its model config: {str(e).splitlines()[0]}")
     return model.to(resolve_device(device)).eval(), ckpt

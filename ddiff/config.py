@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from .core import ConfigError, DDiffError, dataclass_from_dict, load_yaml, parse_override, project_root
+from .core import ConfigError, DDiffError, dataclass_from_dict, load_yaml, parse_override, parse_yaml, project_root
 from .providers import DataConfig, validate_data_config
 from .model import ModelConfig
 from .train import TrainConfig, validate_train_config
@@ -129,9 +129,7 @@ def load_config(source: str | os.PathLike | dict | None = None,  # YAML file, '-
     name = 'run'
     if source is None: cfg = {}
     elif isinstance(source, dict): cfg = copy.deepcopy(source)
-    elif str(source) == '-':
-        cfg = yaml.safe_load(sys.stdin.read()) or {}
-        if not isinstance(cfg, dict): raise ConfigError("the config read from stdin must be a mapping of sections")
+    elif str(source) == '-': cfg = parse_yaml(sys.stdin.read(), 'the config read from stdin')
     else: name, cfg = Path(source).stem, load_yaml(source)
     types = section_types()
     for sec, v in cfg.items():

@@ -286,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
     p.add_argument('--out', default=None, help='also write the result to this JSON file')
     a = p.parse_args(argv)
+    if a.out:
+        from pathlib import Path
+        from ddiff.core import check_writable
+        check_writable(Path(a.out).expanduser().resolve().parent, '--out')
     res = evaluate_checkpoint(a.checkpoint, a.overrides, a.device)
     if a.out: atomic_write_json(a.out, res)
     print(json.dumps(res, indent=2, sort_keys=True))

@@ -15,36 +15,15 @@ from .core import (DDiffError, ConfigError, load_yaml, parse_yaml, apply_overrid
 from .providers import DataConfig, make_provider, validate_data_config, queue_dir
 
 # %% auto #0
-__all__ = ['SECTIONS', 'load_config', 'data_config', 'run_producer', 'main', 'start_producer_process']
+__all__ = ['data_config', 'run_producer', 'main', 'start_producer_process']
 
 # %% ../nbs/06_prepare.ipynb #c005
-SECTIONS = ('data', 'model', 'train', 'eval', 'sample')
-
-def load_config(config: str | os.PathLike | dict, # YAML path ('-' reads stdin) or an already loaded config dict
-                overrides: Iterable[str] = () # 'section.key=value' strings
-               ) -> dict:
-    "The whole config dict with `overrides` applied; the `data` section may override any `DataConfig` field."
-    if isinstance(config, dict): cfg = copy.deepcopy(config)
-    elif str(config) == '-':
-        cfg = parse_yaml(sys.stdin.read(), 'the config read from stdin')
-    else: cfg = load_yaml(config)
-    if 'data' in cfg and not isinstance(cfg['data'], dict): raise ConfigError(f"config section 'data' must be a mapping, got {type(cfg['data']).__name__}")
-    overrides = list(overrides)
-    mine = [o for o in overrides if o.split('=', 1)[0].strip().split('.')[0] == 'data']
-    for o in overrides:
-        section = o.split('=', 1)[0].strip().split('.')[0]
-        if section not in SECTIONS and section not in cfg:
-            raise ConfigError(f"unknown config key {o.split('=', 1)[0].strip()!r}; sections: {', '.join(SECTIONS)}")
-    allowed = copy.deepcopy(cfg)
-    allowed['data'] = {**dataclasses.asdict(DataConfig()), **cfg.get('data', {})}
-    return apply_overrides(cfg, mine, allowed)
-
 def data_config(config: str | os.PathLike | dict, # YAML path, '-' or a config dict
                 overrides: Iterable[str] = () # 'section.key=value' strings
                ) -> DataConfig:
-    "The validated `DataConfig` of a config file plus overrides."
-    cfg = load_config(config, overrides)
-    return validate_data_config(dataclass_from_dict(DataConfig, cfg.get('data') or {}, 'data'))
+    "The validated `DataConfig` of a config file plus overrides, read by the one config loader (`ddiff.config`)."
+    from ddiff.config import load_config as load_run_config  # the config notebook comes later
+    return load_run_config(config, overrides).data
 
 # %% ../nbs/06_prepare.ipynb #c008
 def _install_stop_handlers(stop: threading.Event) -> dict:

@@ -203,6 +203,7 @@ class Provider:
                     batch_size=c.batch_size, batches_per_file=c.batches_per_file, seed=c.seed,
                     train_stages=self.stages['train'], val_stages=self.stages['val'],
                     extra_special_ids=self.extra_special_ids, token_dtype='uint8', val_files=c.val_files,
+                    newlines_normalized=bool(getattr(self.data, 'newlines_normalized', False)),  # CRLF / CR text became \n
                     options=dict(c.options or {}), fields=self.fields(), **self.recipe_meta())
 
     def recipe_meta(self) -> dict:

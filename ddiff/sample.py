@@ -8,7 +8,7 @@ import argparse, dataclasses, json, sys
 from pathlib import Path
 from typing import Any
 
-from .core import ConfigError, DDiffError, atomic_write_text
+from .core import ConfigError, DDiffError, atomic_write_text, check_writable
 from .sampling import LiveView, check_recipe
 from .sample_edit import SampleResult, sample_edit
 from .sample_unmask import sample_unmask
@@ -58,6 +58,7 @@ def sample_checkpoint(checkpoint: str | Path,   # checkpoint file or run folder
     "Sample from a checkpoint with the sampler its recipe needs; returns (result, the settings as a dict incl. 'sampler')."
     from ddiff.config import knobs_for
     sc = sample_config(list(overrides), run_sample_section(checkpoint))
+    if sc.out: check_writable(Path(sc.out).expanduser().resolve().parent, 'sample.out')  # before any sampling work
     model, meta = load_for_sampling(checkpoint, sc.device)
     recipe = meta.get('recipe')
     sampler = sc.sampler or sampler_for_recipe(recipe)

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from .core import (ConfigError, DDiffError, apply_overrides, check_positive, dataclass_from_dict, load_yaml,
-                        make_generator, outputs_root, project_root, resolve_device, stable_seed)
+from .core import (ConfigError, DDiffError, check_positive, check_writable, make_generator, outputs_root, project_root,
+                        remove_stale_temp_files, resolve_device, stable_seed)
 from .checkpoint import BEST, LAST, check_compatible, load_checkpoint, save_checkpoint
 from .recipes import add_stats, get_recipe, summarize
 
@@ -200,6 +200,9 @@ def setup_run(cfg: dict | str | os.PathLike, overrides: list[str] | tuple = ()) 
     if amp_dtype is torch.float16 and device.type != 'cuda': raise ConfigError(f"train.autocast='float16' needs a CUDA device but the device is {device.type}; use 'bfloat16' or 'none'")
     amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else contextlib.nullcontext
     recipe = get_recipe(dc.recipe)
+    if info.is_main:  # before anything starts: one line naming the folder and the key to change
+        check_writable(out, 'train.out_dir')
+        remove_stale_temp_files(out)  # a checkpoint write cut short by kill -9
     return Run(rc, recipe, out, info, device, amp, want=recipe.data_meta(dc))
 
 def start_data(run: Run, fresh: bool):
@@ -211,6 +214,7 @@ def start_data(run: Run, fresh: bool):
         check_existing_meta(q / 'meta.json', run.want)  # before anything is deleted or started
         if run.tc.producer == 'auto':
             from ddiff.prepare import start_producer_process
+            check_writable(q, 'DDIFF_DATA or data.dataset')
             if fresh: reset_train_split(q)  # a fresh run reads the stream from seq 0: same seed, same run
             producer = start_producer_process({'data': dataclasses.asdict(run.dc)})
     if run.info.enabled:
@@ -306,7 +310,7 @@ def train_step(run: Run, st: TrainState, model: torch.nn.Module) -> tuple[dict, 
         sync = contextlib.nullcontext() if not run.info.enabled or micro == tc.grad_accum - 1 else model.no_sync()
         with sync:
             with run.amp(): loss, stats = run.recipe.loss(model, batch, run.meta)
-            if not torch.isfinite(loss): raise _not_finite(run, st.step + 1, 'the training loss', float(loss))
+            if not torch.isfinite(loss): raise _not_finite(run, st.step + 1, 'the training loss', float(loss.detach()))
             st.scaler.scale(loss / tc.grad_accum).backward()
         acc = add_stats(acc, stats)
     if tc.grad_clip > 0:
