@@ -16,9 +16,9 @@ from .sampling import allowed_ids, check_temperature, draw_tokens, row_generator
 # %% auto #0
 __all__ = ['BUDGET_KNOB', 'ROW_COLS', 'SAMPLE_COLS', 'StudyRow', 'StudyConfig', 'study_config', 'train_chars',
            'check_equal_compute', 'sample_ar', 'finished_training', 'judge_config', 'judge_dir', 'ensure_judge',
-           'load_judge', 'row_samplers', 'draw_samples', 'entropy_low', 'score_row_samples', 'row_overrides',
-           'row_settings', 'run_row', 'run_study', 'flat_rows', 'markdown_tables', 'write_results', 'plot_bpc',
-           'plot_judge_vs_evals', 'plot_judge_vs_entropy', 'write_samples_md']
+           'load_judge', 'row_samplers', 'draw_samples', 'entropy_low', 'score_row_samples', 'row_dataset',
+           'row_overrides', 'row_settings', 'run_row', 'run_study', 'flat_rows', 'markdown_tables', 'write_results',
+           'plot_bpc', 'plot_judge_vs_evals', 'plot_judge_vs_entropy', 'write_samples_md']
 
 # %% ../nbs/18a_study.ipynb #s005
 @dataclasses.dataclass
@@ -202,10 +202,16 @@ def score_row_samples(texts: list[str], val_text: str, judge: tuple | None, sc: 
     return out
 
 # %% ../nbs/18a_study.ipynb #s024
-def row_overrides(study: str, row: StudyRow, row_dir: Path, progress: bool) -> list[str]:
+def row_dataset(study: str, row: StudyRow, rc) -> str:
+    "The row's own queue name: study, row and a hash of the data it holds (a queue made with other settings is never reused)."
+    from ddiff.recipes import get_recipe
+    meta = get_recipe(rc.data.recipe).data_meta(rc.data)
+    h = hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f'study-{study}-{row.name}-{h}'
+
+def row_overrides(row: StudyRow, row_dir: Path, dataset: str, progress: bool) -> list[str]:
     "The row's overrides plus its own queue, run folder and no final eval (the study evaluates)."
-    h = hashlib.sha256(json.dumps(row.overrides).encode()).hexdigest()[:8]
-    return [*row.overrides, f'data.dataset=study-{study}-{row.name}-{h}', f'train.out_dir={row_dir / "train"}', f'train.name={row.name}',
+    return [*row.overrides, f'data.dataset={dataset}', f'train.out_dir={row_dir / "train"}', f'train.name={row.name}',
             'train.final_eval=false', f'train.progress={str(progress).lower()}']
 
 def row_settings(base: dict, row: StudyRow, sc: StudyConfig) -> str:
@@ -244,7 +250,7 @@ def _run_row(base: dict, row: StudyRow, sc: StudyConfig, row_dir: Path, study: s
     from ddiff.evaluate import evaluate_checkpoint
     from ddiff.recipes import get_recipe
     from ddiff.train import train
-    ovs = row_overrides(study, row, row_dir, progress)
+    ovs = row_overrides(row, row_dir, row_dataset(study, row, load_config(base, row.overrides)), progress)
     rc = load_config(base, ovs)
     check_equal_compute(rc, load_config(base))
     res = finished_training(rc)
