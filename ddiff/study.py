@@ -328,9 +328,11 @@ def markdown_tables(study: dict) -> str:
     j = study['judge']
     md = [f"Judge: an AR model with {j['bpc']:.3f} bits/char on the validation text ({j['checkpoint']}). Validation unigram entropy {study['val_entropy']:.3f} bits.", '',
           '| row | recipe | bits/char | ± SE | kind | steps | train chars | train s | status |', '|---|---|---|---|---|---|---|---|---|']
+    beat = [r['row'] for r in study['rows'] if r['status'] == 'complete' and r['bpc'] <= j['bpc']]
+    if beat: md.insert(1, f"**The judge is not stronger than every row** ({', '.join(beat)} reach its bits/char or better): train it bigger or longer (experiment.study.judge_overrides).")
     for r in study['rows']:
         if r['status'] == 'complete':
-            md.append(f"| {r['row']} | {r['recipe']} | {r['bpc']:.3f} | {r['bpc_stderr']:.3f} | {r['bpc_kind']} | {r['steps']} | {r['train_chars']:,} | {r['train_seconds']:.1f} | {'reused' if r['reused'] else 'complete'} |")
+            md.append(f"| {r['row']} | {r['recipe']} | {r['bpc']:.3f} | {'' if r['bpc_kind'] == 'exact' else format(r['bpc_stderr'], '.3f')} | {r['bpc_kind']} | {r['steps']} | {r['train_chars']:,} | {r['train_seconds']:.1f} | {'reused' if r['reused'] else 'complete'} |")
         else: md.append(f"| {r['row']} | | | | | | | | failed: {r.get('error', '').replace('|', '/')} |")
     md += ['', '| row | sampler | model evals | judge bits/char | entropy | low entropy | distinct-2 | distinct-3 | distinct-4 | repetition |', '|---|---|---|---|---|---|---|---|---|---|']
     for r in study['rows']:
