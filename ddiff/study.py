@@ -334,6 +334,7 @@ def markdown_tables(study: dict) -> str:
         if r['status'] == 'complete':
             md.append(f"| {r['row']} | {r['recipe']} | {r['bpc']:.3f} | {'' if r['bpc_kind'] == 'exact' else format(r['bpc_stderr'], '.3f')} | {r['bpc_kind']} | {r['steps']} | {r['train_chars']:,} | {r['train_seconds']:.1f} | {'reused' if r['reused'] else 'complete'} |")
         else: md.append(f"| {r['row']} | | | | | | | | failed: {r.get('error', '').replace('|', '/')} |")
+    md += [f"\n*{r['row']}*: {r['caveat']}" for r in study['rows'] if r.get('caveat')]
     md += ['', '| row | sampler | model evals | judge bits/char | entropy | low entropy | distinct-2 | distinct-3 | distinct-4 | repetition |', '|---|---|---|---|---|---|---|---|---|---|']
     for r in study['rows']:
         for s in r.get('samples') or []:
