@@ -37,7 +37,9 @@ def test_tiny_study_reuse_failure_and_judge(env):
     from ddiff.study import run_study
     cfg = tiny_study([{'name': 'broken', 'overrides': ['train.lr=-1']}])
     run = env / 'outputs' / 'study' / 'tiny'
-    run_notebook(cfg, run)
+    import papermill as pm
+    with pytest.raises(pm.PapermillExecutionError, match=r'1 of \d+ study rows failed \(broken: ConfigError: train.lr=-1'):
+        run_notebook(cfg, run)  # everything is written, then the notebook says which row failed
     for f in ('study.ipynb', 'results.csv', 'results.md', 'bpc_per_strategy.png', 'judge_vs_evals.png', 'judge_vs_entropy.png', 'samples.md', 'metrics.json'):
         assert (run / f).exists(), f
     lines = list(csv.DictReader(open(run / 'results.csv')))
