@@ -65,14 +65,19 @@ def test_tiny_study_reuse_failure_and_judge(env):
 
 @pytest.mark.slow
 def test_ddiff_run_study(env):
-    "`ddiff run` executes the study notebook (once the `study` experiment kind is registered)."
+    "`ddiff run` executes the study notebook (once the `study` kind is registered); failed rows fail the run in one line, a re-run reuses the rest."
     from ddiff.experiments import EXPERIMENT_KINDS
     if 'study' not in EXPERIMENT_KINDS: pytest.skip("the 'study' experiment kind is not registered in ddiff.experiments")
-    cfg = tiny_study(keep=['ar'])
-    p = env / 'study_ar.yaml'
-    p.write_text(yaml.safe_dump(cfg))
-    res = subprocess.run([sys.executable, '-m', 'ddiff.cli', 'run', '--no-progress', str(p)], capture_output=True, text=True, cwd=ROOT, env=os.environ, timeout=900)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    def ddiff_run(cfg):
+        p = env / 'study_ar.yaml'
+        p.write_text(yaml.safe_dump(cfg))
+        return subprocess.run([sys.executable, '-m', 'ddiff.cli', 'run', '--no-progress', str(p)], capture_output=True, text=True, cwd=ROOT, env=os.environ, timeout=900)
+    res = ddiff_run(tiny_study([{'name': 'broken', 'overrides': ['train.lr=-1']}], keep=['ar']))
+    last = res.stderr.strip().splitlines()[-1]  # (the kernel may print a warning before it)
+    assert res.returncode == 2 and '1 of 2 study rows failed (broken: ConfigError: train.lr=-1' in last, res.stderr[-3000:]
     run = env / 'outputs' / 'study' / 'study_tiny'
+    assert (run / 'results.md').exists() and (run / 'error.txt').exists()
+    res = ddiff_run(tiny_study(keep=['ar']))  # the broken row removed: the AR row is reused and the run completes
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     m = json.loads((run / 'metrics.json').read_text())
-    assert m['status'] == 'complete' and m['rows_complete'] == 1 and (run / 'results.md').exists()
+    assert m['status'] == 'complete' and m['rows_complete'] == 1 and m['rows_reused'] == 1
