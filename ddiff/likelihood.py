@@ -19,9 +19,12 @@ __all__ = ['NATS_TO_BITS', 'DEFAULT_N_STEPS', 'MixKernel', 'make_kernel', 'sampl
 # %% ../nbs/04a_likelihood.ipynb #l005
 NATS_TO_BITS = 1 / math.log(2)  # multiply a value in nats by this to get bits
 
-def _is_number(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+def _is_number(v) -> bool:
+    "A finite int or float (not a bool)."
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 def _check_int(name: str, v, lo: int = 1) -> None:
+    "One-line `DDiffError` unless `v` is an integer >= lo."
     if isinstance(v, bool) or not isinstance(v, int) or v < lo: raise DDiffError(f"{name}={v!r} is not allowed; use an integer >= {lo}")
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +37,9 @@ class MixKernel:
     multiplier: float = 1.0      # original-token weight m in R_x: R_x(x) = m / (n - 1 + m)
 
     @property
-    def n(self) -> int: return len(self.candidates)
+    def n(self) -> int:
+        "Number of candidates."
+        return len(self.candidates)
 
     def coefs(self, a: torch.Tensor | float) -> tuple:
         "(A, B, D) with q_a(y | x) = A [y = x] + B [y a candidate] + D [y = MASK] for a candidate x."
@@ -174,7 +179,7 @@ def kernel_terms(model: nn.Module,             # denoiser: (B, T) ids -> (B, T, 
                  device=None,                  # None: wherever the model is (else the model is moved there)
                  n_levels_per_window: int = 1, # steps drawn for each window
                 ) -> dict:
-    "Per-sample terms of the K-step bound: window, step k, step KL summed over the window's characters (nats)."
+    "Per-sample terms of the K-step bound: window, step k, step KL summed over the window (nats), noisy input z."
     for name, v in (('n_steps', n_steps), ('batch_size', batch_size), ('n_levels_per_window', n_levels_per_window)): _check_int(name, v)
     _check_classes(getattr(getattr(model, 'cfg', None), 'vocab_size', None), kernel)
     windows = _windows(tokens, block_size, n_windows)                       # (n, T)
