@@ -47,11 +47,15 @@ class MixKernel:
         return a + (1 - a) * c * (self.multiplier - 1), (1 - a) * c, (1 - a) * self.w_mask
 
     def transition(self, a_s, a_t) -> tuple:
-        "(r, e, f, g): the chain q(z_t | z_s, x) = r [z_t = z_s] + (1 - r) (e [z_t = x] + f [z_t cand] + g [z_t = MASK])."
-        e, f, g = self.coefs(0.0)                        # pi_x
-        if e <= 0: return a_t / a_s, e, f, g             # m <= 1: redraw from pi_x
-        # m > 1: pi_x = e delta_x + (1 - e) nu with nu free of x; same marginals with keep probability e + (1 - e) a
-        return (e + (1 - e) * a_t) / (e + (1 - e) * a_s), 0.0, f / (1 - e), g / (1 - e)
+        "(r, beta, nu_c, nu_m) of the chain s -> t: redraw from nu w.p. 1 - r, then leave x w.p. 1 - beta (see text)."
+        a_s, a_t = torch.as_tensor(a_s, dtype=torch.float64), torch.as_tensor(a_t, dtype=torch.float64)
+        e, f, g = self.coefs(0.0)                             # pi_x = e delta_x + (1 - e) nu
+        nu_c, nu_m = f / (1 - e), g / (1 - e)                  # nu of each candidate, of [MASK]
+        ts, tt = e + (1 - e) * a_s, e + (1 - e) * a_t          # keep probabilities w.r.t. nu (negative late when m < 1)
+        keep = lambda ta: ta + (1 - ta) * nu_c                 # q(z = x | x) at that keep probability
+        r = torch.where(ts > 0, tt.clamp(min=0) / ts.clamp(min=1e-300), 1.0)   # redraw phase: while tt > 0
+        beta = torch.where(tt < 0, keep(tt) / keep(ts.clamp(max=0)), 1.0)       # leave phase: from max(0, ts) on
+        return r, beta, nu_c, nu_m
 
 def make_kernel(mask_id: int,                 # id of [MASK]
                 candidates: torch.Tensor,     # (n,) replacement ids, e.g. from `ddiff.corruption.candidate_ids`
@@ -107,14 +111,17 @@ def reverse_joint(w: torch.Tensor,     # (b, T, V) weights over x0 (zero off the
     "sum_x0 w(x0) q(z_s = y, z_t = z | x0) for every y, in O(V) per position: (b, T, V) float64."
     V, dev = w.size(-1), w.device
     zhot = F.one_hot(z, V).double()                                         # (b, T, V)
-    r, e, f, g = kernel.transition(a_s.double()[:, None, None], a_t.double()[:, None, None])  # r: (b, 1, 1)
-    h = torch.where((z == kernel.mask_id)[..., None], g, f + e * zhot)      # (b, T, V) redraw prob. of z_t as a function of x0
+    r, beta, nu_c, nu_m = kernel.transition(a_s.double()[:, None, None], a_t.double()[:, None, None])  # (b, 1, 1) each
+    kappa = 1 + nu_c * (1 - beta) / (1 - nu_c)                              # (b, 1, 1)
+    nu_z = torch.where((z == kernel.mask_id)[..., None], torch.tensor(nu_m, dtype=torch.float64, device=dev), nu_c)  # (b, T, 1) nu(z)
+    h = nu_z * kappa + (z != kernel.mask_id)[..., None] * zhot * nu_c * (beta - kappa)  # (b, T, V) redraw-then-leave prob. of z, per x0
     A, B, D = kernel.coefs(a_s.double()[:, None, None])                     # (b, 1, 1) each: q_s(y | x0)
     base = B * _onehot(kernel.candidates, V, dev) + D * _onehot([kernel.mask_id], V, dev)  # (b, 1, V)
     v = w * h                                                               # (b, T, V)
     jw = A * w + base * w.sum(-1, keepdim=True)                             # (b, T, V) sum_x0 w(x0) q_s(y | x0)
     jv = A * v + base * v.sum(-1, keepdim=True)                             # (b, T, V) sum_x0 w(x0) h(x0) q_s(y | x0)
-    return r * zhot * jw + (1 - r) * jv                                     # (b, T, V)
+    leave = (1 - beta) * (A + B) * w * (zhot - nu_z * (1 - zhot) / (1 - nu_c))  # (b, T, V) y = x0 left for z
+    return r * (zhot * jw - leave) + (1 - r) * jv                           # (b, T, V)
 
 def step_kl(logp: torch.Tensor,       # (b, T, V) model log p_theta(x0 | z_t) over the candidates (-inf elsewhere)
             x: torch.Tensor,          # (b, T) clean ids
