@@ -215,9 +215,10 @@ def rr_kernel(meta: dict) -> tuple[float, float, float, str]:
     "(w_uniform, w_mask, multiplier, caveat) of the per-character process closest to a random-replacement queue."
     r, m, f = (float(v) for v in meta['mixture'])
     caveat = 'the bound is for independent per-character corruption; stage schedules pick positions in clusters and per-row counts'
-    if f > 0: caveat += f'; fragments (weight {f:g}) are not a per-character kernel and are left out of the bound'
-    if r + m == 0: r = 1.0  # fragments only: score the model under uniform noise
-    return r / (r + m), m / (r + m), float(meta['original_token_multiplier']), caveat
+    if f > 0: caveat += f'; fragments (weight {f:g}) are not a per-character kernel: the bound gives their share to [MASK], as the corruption does where no fragment fits'
+    mult = float(meta['original_token_multiplier'])
+    if mult <= 0: mult, caveat = 1e-6, caveat + '; multiplier 0 is scored as 1e-6'
+    return r / (r + m + f), (m + f) / (r + m + f), mult, caveat
 
 class RandomReplacement(Recipe):
     "Random replacement with a (random, [MASK], fragment) mixture and full targets."
