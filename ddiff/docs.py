@@ -285,6 +285,22 @@ def _settings(root: Path) -> dict:
     return dict(cfg['DEFAULT']) if 'DEFAULT' in cfg else {}
 
 # %% ../nbs/19_docs.ipynb #c044
+def _process_pages(pages: dict, root: Path, execute, log: list[str], skip_flags: tuple, cache_dir) -> dict:
+    "Each page's processed notebook and documented names: executed (or cached) where asked, else with a note saying why not."
+    out = {}
+    for page, (p, group) in pages.items():
+        nb, err, t0 = None, None, time.time()
+        if group == 'modules':
+            run = execute is True or (execute is not False and p.stem in execute)
+            nb, err = execute_notebook(p, root=root, cache_dir=cache_dir, skip_flags=skip_flags, run=run)
+            if run and nb is not None and time.time() - t0 > 1: print(f'ddiff docs: executed {p.name} in {time.time() - t0:.0f} s', file=sys.stderr)
+        if err: log.append(f'could not execute {err}; its page is shown without outputs')
+        out[page] = process_notebook(p, nb=nb, log=log)
+        if group == 'experiments': _note(out[page][0], 'Experiment template', 'Run by `ddiff run` with a run\'s parameters and checkpoints, so it is shown here without outputs.')
+        elif err: _note(out[page][0], 'Not executed', f'Executing this notebook failed, so it is shown without outputs: {err}')
+        elif nb is None: _note(out[page][0], 'Not executed', 'This build did not execute this notebook, so it is shown without outputs.')
+    return out
+
 def write_docs_dir(docs: str | os.PathLike,                  # an empty folder to fill
                    root: str | os.PathLike | None = None,    # the project; default `project_root()`
                    execute: bool | list[str] = True,         # execute the module notebooks; a list: only these (names without .ipynb)
@@ -300,18 +316,7 @@ def write_docs_dir(docs: str | os.PathLike,                  # an empty folder t
     if os.environ.get('DDIFF_DOCS_EXECUTING'): execute = False  # a notebook that builds the docs while being executed
     found = find_notebooks(root / 'nbs')
     pages = {('experiments/' if g == 'experiments' else '') + p.name: (p, g) for g in ('modules', 'experiments') for p in found[g]}
-    processed = {}
-    for page, (p, group) in pages.items():
-        nb, err, t0 = None, None, time.time()
-        if group == 'modules':
-            run = execute is True or (execute is not False and p.stem in execute)
-            nb, err = execute_notebook(p, root=root, cache_dir=cache_dir, skip_flags=skip_flags, run=run)
-            if run and nb is not None and time.time() - t0 > 1: print(f'ddiff docs: executed {p.name} in {time.time() - t0:.0f} s', file=sys.stderr)
-        if err: log.append(f'could not execute {err}; its page is shown without outputs')
-        processed[page] = process_notebook(p, nb=nb, log=log)
-        if group == 'experiments': _note(processed[page][0], 'Experiment template', 'Run by `ddiff run` with a run\'s parameters and checkpoints, so it is shown here without outputs.')
-        elif err: _note(processed[page][0], 'Not executed', f'Executing this notebook failed, so it is shown without outputs: {err}')
-        elif nb is None: _note(processed[page][0], 'Not executed', 'This build did not execute this notebook, so it is shown without outputs.')
+    processed = _process_pages(pages, root, execute, log, skip_flags, cache_dir)
     where = {n: (page, anchor(n)) for page, (_, names) in processed.items() for n in names}
     for page, (nb, names) in processed.items():
         for c in nb.cells:  # a plain-text H1, so that it can be the page's <title>
@@ -445,12 +450,8 @@ def build_docs(out_dir: str | os.PathLike | None = None, # where the site goes; 
     root = Path(root).resolve() if root is not None else project_root()
     out = Path(out_dir).expanduser().resolve() if out_dir is not None else root / '_docs'
     _check_out_dir(out, root)
-    log, mk_logger = [], logging.getLogger('mkdocs')
-    old_level, handler = mk_logger.level, None
-    if not mk_logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter('%(levelname)s - %(message)s'))
-        mk_logger.addHandler(handler)
+    log, mk_logger = [], logging.getLogger('mkdocs')  # without a handler, Python prints its warnings to stderr
+    old_level = mk_logger.level
     mk_logger.setLevel(logging.WARNING if quiet else logging.INFO)
     try:
         with tempfile.TemporaryDirectory(prefix='ddiff-docs-') as tmp:
@@ -462,9 +463,7 @@ def build_docs(out_dir: str | os.PathLike | None = None, # where the site goes; 
             config.plugins.run_event('startup', command='build', dirty=False)
             try: build(config)
             finally: config.plugins.run_event('shutdown')
-    finally:
-        mk_logger.setLevel(old_level)
-        if handler is not None: mk_logger.removeHandler(handler)
+    finally: mk_logger.setLevel(old_level)
     for note in log: print(f'ddiff docs: warning: {note}', file=sys.stderr)
     if (refs := external_refs(out)):
         raise DDiffError(f"the site in {str(out)!r} would load {len(refs)} thing(s) from outside, e.g. {refs[0]}; remove them")

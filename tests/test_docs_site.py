@@ -104,7 +104,10 @@ def test_module_page_renders(site, base_url, shots, page, title, module, makes_p
     assert not missing, f'{page} has no API entry for {missing}'
     assert '<!-- Load mathjax -->' not in dom
     if makes_plot and 'Not executed' not in dom:
-        assert re.search(r'<img[^>]+src="data:image/png;base64', dom), f'{page} was executed and plots, but shows no image'
+        img = re.search(r'<img[^>]+src="data:image/png;base64', dom)
+        assert img, f'{page} was executed and plots, but shows no image'
+        heads = re.findall(r'<h[1-6][^>]*\bid="([^"]+)"', dom[:img.start()])  # a second screenshot, at the first figure
+        if heads: chromium(f'{base_url}{page}#{heads[-1]}', shots / page.replace('.html', '_figure.png'))
 
 @needs_chromium
 @pytest.mark.parametrize('name', EXAMPLES)
