@@ -112,7 +112,9 @@ def api_entry(obj: Any,       # the function or class to document
              ) -> str:
     "Markdown documenting `obj`: a heading, then nbdev's `show_doc` rendering; a class adds its public methods."
     from fastcore.docments import MarkdownRenderer
-    out = [f"{'#' * level} {name}\n\n{MarkdownRenderer(obj, name)._repr_markdown_()}"]
+    r = MarkdownRenderer(obj, name)
+    if r.docs: r.docs = re.sub(r'(`[^`]*`)|\*', lambda m: m.group(1) or r'\*', r.docs)  # a `*` would end the italics
+    out = [f"{'#' * level} {name}\n\n{r._repr_markdown_()}"]
     if isinstance(obj, type):
         out += [api_entry(v, f'{name}.{k}', level + 1) for k, v in vars(obj).items()
                 if not k.startswith('_') and callable(v) and getattr(v, '__qualname__', '').startswith(obj.__qualname__ + '.')]

@@ -40,6 +40,12 @@ def chromium(url: str, shot: Path, timeout: int = 120) -> str:
     assert shot.is_file() and shot.stat().st_size > 5_000, f'no screenshot of {url}'
     return r.stdout
 
+def chromium_at(site: Path, base_url: str, page: str, fragment: str, shot: Path):
+    "Screenshot of `page` scrolled to `#fragment`: in an iframe, since headless Chromium paints a scrolled page blank."
+    wrapper = site / f'_shot_{page}'
+    wrapper.write_text(f'<!doctype html><body style="margin:0"><iframe src="{page}#{fragment}" style="border:0;width:1280px;height:1600px"></iframe>')
+    chromium(base_url + wrapper.name, shot)
+
 def plots(nb) -> bool:
     "Whether the notebook's own (not exported) code draws: a `plt.<fn>(` call or a `plot_<name>(` helper."
     return any(c.cell_type == 'code' and not re.search(r'^#\|\s*export', c.source, re.M)
@@ -106,8 +112,8 @@ def test_module_page_renders(site, base_url, shots, page, title, module, makes_p
     if makes_plot and 'Not executed' not in dom:
         img = re.search(r'<img[^>]+src="data:image/png;base64', dom)
         assert img, f'{page} was executed and plots, but shows no image'
-        heads = re.findall(r'<h[1-6][^>]*\bid="([^"]+)"', dom[:img.start()])  # a second screenshot, at the first figure
-        if heads: chromium(f'{base_url}{page}#{heads[-1]}', shots / page.replace('.html', '_figure.png'))
+        cells = re.findall(r'\bid="(cell-id=[^"]+)"', dom[:img.start()])  # a second screenshot, at the cell of the first figure
+        if cells: chromium_at(site, base_url, page, cells[-1], shots / page.replace('.html', '_figure.png'))
 
 @needs_chromium
 @pytest.mark.parametrize('name', EXAMPLES)
