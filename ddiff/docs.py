@@ -318,6 +318,8 @@ def write_docs_dir(docs: str | os.PathLike,                  # an empty folder t
     if os.environ.get('DDIFF_DOCS_EXECUTING'): execute = False  # a notebook that builds the docs while being executed
     found = find_notebooks(root / 'nbs')
     pages = {('experiments/' if g == 'experiments' else '') + p.name: (p, g) for g in ('modules', 'experiments') for p in found[g]}
+    if not isinstance(execute, bool) and (bad := sorted(set(execute) - {p.stem for p in found['modules']})):
+        raise DDiffError(f"no module notebook {bad[0]!r} to execute in {str(root / 'nbs')!r}; choose from {', '.join(p.stem for p in found['modules'])}")
     processed = _process_pages(pages, root, execute, log, skip_flags, cache_dir)
     where = {n: (page, anchor(n)) for page, (_, names) in processed.items() for n in names}
     for page, (nb, names) in processed.items():
