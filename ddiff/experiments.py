@@ -365,7 +365,7 @@ def metric_source(key: str, m: dict) -> str:
     if key.startswith('sample/'):
         src = f"samples of {Path(str(m.get('sample_checkpoint', 'best.pt'))).name}, step {m.get('sample_checkpoint_step', '?')}"
         return src + (f", AR judge ({m.get('judge_steps', '?')} steps)" if key.split('/')[-1] in ('gen_ppl', 'judge_bpc') else '')
-    if key.startswith('timing/') or key in ('train_seconds', 'n_params'): return 'training'
+    if key.startswith('timing/') or key in ('train_seconds', 'train_cpu_seconds', 'n_params'): return 'training'
     return ''
 
 def status_line(m: dict) -> str:
