@@ -349,7 +349,8 @@ def _fmt(v: Any) -> str:
 UNITS = (('tokens_per_s', 'tokens/s'), ('loss_', 'nats/char'), ('_bits', 'bits/char'), ('bpc', 'bits/char'),
          ('gen_ppl', 'perplexity per char'), ('unigram_', 'bits'), ('seconds', 's'), ('step_s', 's'),
          ('acc_', 'fraction'), ('frac_', 'fraction'), ('changed_', 'fraction'), ('distinct_', 'fraction'),
-         ('repetition_rate', 'fraction'), ('share', 'fraction'))
+         ('repetition_rate', 'fraction'), ('share', 'fraction'), ('mean_length', 'chars'), ('model_evals', 'forward passes'),
+         ('/n_', 'count'), ('n_params', 'count'), ('_steps', 'steps'))
 BOOKKEEPING = ('status', 'checkpoint', 'checkpoint_step', 'last_checkpoint', 'last_step', 'final_checkpoint', 'judge',
                'sample_checkpoint', 'sample_checkpoint_step', 'planned_steps', 'steps', 'stopped', 'max_minutes')
 
