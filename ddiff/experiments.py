@@ -15,12 +15,11 @@ from .core import (ConfigError, DDiffError, apply_overrides, atomic_write_json, 
 
 # %% auto #0
 __all__ = ['EXPERIMENT_KINDS', 'SECTIONS', 'FINISHED', 'SECONDS_PER_TOKEN_PARAM', 'UNITS', 'BOOKKEEPING', 'ExperimentConfig',
-           'section_validators', 'validate_sample_section', 'validate_config', 'load_experiment_config', 'allowed_keys',
-           'merge_sections', 'git_commit', 'provenance', 'experiments_dir', 'run_dir_for', 'run_status', 'is_complete',
-           'training_status', 'truncation_note', 'mark_finished', 'progress_line', 'watch_training', 'estimate_minutes',
-           'describe_plan', 'kernel_config', 'execute_notebook', 'run_experiment', 'metric_unit', 'metric_source',
-           'status_line', 'figure_caption', 'write_report', 'SweepConfig', 'expand_sweep', 'run_sweep', 'write_table',
-           'plot_sweep', 'run_main', 'sweep_main']
+           'validate_config', 'load_experiment_config', 'merge_sections', 'git_commit', 'provenance', 'experiments_dir',
+           'run_dir_for', 'run_status', 'is_complete', 'training_status', 'truncation_note', 'mark_finished',
+           'progress_line', 'watch_training', 'estimate_minutes', 'describe_plan', 'kernel_config', 'execute_notebook',
+           'run_experiment', 'metric_unit', 'metric_source', 'status_line', 'figure_caption', 'write_report',
+           'SweepConfig', 'expand_sweep', 'run_sweep', 'write_table', 'plot_sweep', 'run_main', 'sweep_main']
 
 # %% ../nbs/18_experiments.ipynb #c005
 EXPERIMENT_KINDS: dict[str, list[str]] = {
@@ -51,62 +50,21 @@ class ExperimentConfig:
 SECTIONS = ('experiment', 'data', 'model', 'train', 'eval', 'sample')
 
 # %% ../nbs/18_experiments.ipynb #c006
-def section_validators() -> dict[str, Any]:
-    "The dataclass that validates each config section (imported lazily: they live in later notebooks)."
-    from ddiff.providers import DataConfig
-    from ddiff.model import ModelConfig
-    from ddiff.train import TrainConfig
-    out = {'experiment': ExperimentConfig, 'data': DataConfig, 'model': ModelConfig, 'train': TrainConfig}
-    try:
-        from ddiff.evaluate import EvalConfig; out['eval'] = EvalConfig
-    except ImportError: pass
-    return out
-
-def validate_sample_section(sample: dict) -> None:
-    "Check `sample:` keys against the command keys and the knobs of both samplers (the recipe picks one later)."
-    from ddiff.sample import CLI_KEYS, SAMPLERS
-    owners = {f.name: cls for cls, _ in SAMPLERS.values() for f in dataclasses.fields(cls)}
-    for k, v in sample.items():
-        if k in CLI_KEYS: continue
-        if k not in owners: raise ConfigError(f"unknown config key 'sample.{k}'; allowed: {', '.join(sorted({*CLI_KEYS, *owners}))}")
-        dataclass_from_dict(owners[k], {k: v}, 'sample')
-
-def validate_config(cfg: dict, validators: dict | None = None) -> dict:
-    "Check every section of `cfg` against its dataclass; raise one line naming the first bad key."
-    real = validators is None  # the real validators also check the `sample` section against the samplers
-    validators = section_validators() if real else validators
-    for sec in cfg:
-        if sec not in SECTIONS: raise ConfigError(f"unknown config section {sec!r}; allowed: {', '.join(SECTIONS)}")
-        if cfg[sec] is not None and not isinstance(cfg[sec], dict):
-            raise ConfigError(f"config section {sec!r} must be a mapping of keys, got {type(cfg[sec]).__name__}")
-        if sec in validators:
-            obj = dataclass_from_dict(validators[sec], cfg[sec] or {}, sec)
-            if hasattr(obj, 'validate'): obj.validate()
-        elif sec == 'sample' and real: validate_sample_section(cfg[sec] or {})
+def validate_config(cfg: dict) -> dict:
+    "Check every section of `cfg` with the one config loader (`ddiff.config.load_config`); return `cfg` unchanged."
+    from ddiff.config import load_config
+    load_config(cfg)
     return cfg
 
 def load_experiment_config(path: str | os.PathLike | dict, overrides: list[str] = ()) -> dict:
-    "Read an experiment YAML (or take a dict), apply `section.key=value` overrides and fill `experiment.name`."
+    "Read an experiment YAML (or take a dict), apply `section.key=value` overrides, validate, and fill `experiment.name`."
+    from ddiff.config import apply_section_overrides
     cfg = copy.deepcopy(path) if isinstance(path, dict) else load_yaml(path)
-    cfg = apply_overrides(cfg, overrides, allowed=allowed_keys(cfg))
+    cfg = validate_config(apply_section_overrides(cfg, overrides))
     exp = cfg.setdefault('experiment', {}) or {}
     cfg['experiment'] = exp
     if not exp.get('name'): exp['name'] = Path(path).stem if not isinstance(path, dict) else 'run'
     return cfg
-
-def _known_sections() -> dict:
-    "Every section's dataclass, or just the experiment section when the pipeline modules are missing."
-    try: return section_validators()
-    except ImportError: return {'experiment': ExperimentConfig}
-
-def allowed_keys(cfg: dict) -> dict:
-    "Section → allowed keys for overrides: the dataclass fields, and for `sample` both samplers' knobs."
-    out = {sec: {**{f.name: None for f in dataclasses.fields(cls)}, **(cfg.get(sec) or {})} for sec, cls in _known_sections().items()}
-    try:
-        from ddiff.sample import CLI_KEYS, SAMPLERS
-        out['sample'] = {**CLI_KEYS, **{f.name: None for cls, _ in SAMPLERS.values() for f in dataclasses.fields(cls)}, **(cfg.get('sample') or {})}
-    except ImportError: pass
-    return out
 
 # %% ../nbs/18_experiments.ipynb #c025
 def merge_sections(base: str | os.PathLike | dict,  # config the sections are merged over: a YAML path ('' → none) or a dict
@@ -310,7 +268,6 @@ def execute_notebook(name: str, run_dir: Path, parameters: dict, timeout_minutes
 def run_experiment(config: str | os.PathLike | dict, overrides: list[str] = (), progress: bool = True, force: bool = False) -> Path:
     "Validate `config`, run its notebooks with papermill into outputs/<group>/<name>/, return the run folder."
     cfg = load_experiment_config(config, list(overrides))
-    validate_config(cfg)
     exp = dataclass_from_dict(ExperimentConfig, cfg['experiment'], 'experiment').validate()
     for k in ('checkpoint', 'judge'):  # the notebooks run in the run folder: paths given relative to here are made absolute
         if cfg['experiment'].get(k) and Path(cfg['experiment'][k]).exists(): cfg['experiment'][k] = str(Path(cfg['experiment'][k]).resolve())

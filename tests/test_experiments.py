@@ -47,7 +47,7 @@ def test_run_twice_same_metrics(env, tiny_quickstart, tmp_path):
     m1 = json.loads((run / 'metrics.json').read_text())
     assert m1['status'] == 'complete' and m1['steps'] == m1['planned_steps'] == 30 and m1['stopped'] == 'max_steps'
     assert (run / m1['checkpoint']).exists() and (run / m1['last_checkpoint']).exists() and (run / m1['judge']).exists()
-    assert 'sample/distinct_2' in m1 and 'final/ce_corrupted_bits' in m1
+    assert 'sample/distinct_2' in m1 and 'final/bpc' in m1
     assert yaml.safe_load((run / 'params.yaml').read_text())['train']['max_steps'] == 30
     assert json.loads((run / 'provenance.json').read_text())['git_commit'] != ''
     # the report names checkpoint, step and unit of each figure, and no path of this machine
