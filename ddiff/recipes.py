@@ -19,8 +19,9 @@ from .providers import DataConfig, Provider, STORED_IGNORE, FORMAT_VERSION
 
 # %% auto #0
 __all__ = ['RECIPES', 'RECIPE_MODULES', 'token_stats', 'add_stats', 'summarize', 'Recipe', 'open_queue_data', 'register',
-           'recipe_names', 'get_recipe', 'CharDiffusionProvider', 'CharDiffusion', 'CharRandomReplacementProvider',
-           'rr_kernel', 'RandomReplacement', 'CorpusWindows', 'Autoregressive', 'recipes_table', 'main']
+           'recipe_names', 'get_recipe', 'MaskOptions', 'stratified_masks', 'CharDiffusionProvider', 'CharDiffusion',
+           'CharRandomReplacementProvider', 'rr_kernel', 'RandomReplacement', 'CorpusWindows', 'Autoregressive',
+           'recipes_table', 'main']
 
 # %% ../nbs/05a_recipes.ipynb #r005
 def token_stats(logits: torch.Tensor,  # (B, T, V)
@@ -28,12 +29,13 @@ def token_stats(logits: torch.Tensor,  # (B, T, V)
                 y: torch.Tensor,       # (B, T) targets, ignore_index where there is none
                 ignore_index: int = -100,
                 split: bool = True,    # also keep corrupted (x != y) / untouched (x == y) sums
+                weight: torch.Tensor | None = None,  # (B, T) loss weight per targeted position (None: 1 each)
                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    "Mean cross entropy over targeted positions (for backward) and detached sums of loss, hits and counts."
+    "Weighted mean cross entropy over targeted positions (for backward) and detached sums of loss, hits and counts."
     ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=ignore_index, reduction='none').view_as(y)  # (B, T)
     tgt = y != ignore_index                                  # (B, T)
-    n = tgt.sum()
-    loss = ce.sum() / n.clamp(min=1)
+    w = tgt.float() if weight is None else weight * tgt      # (B, T)
+    loss = (ce * w).sum() / w.sum().clamp(min=1e-12)
     with torch.no_grad():
         hit = (logits.argmax(-1) == y) & tgt                 # (B, T)
         groups = {'all': tgt}
@@ -71,13 +73,14 @@ class Recipe:
     provider: type[Provider] | None = None  # writes the queue files; None: the recipe reads corpus windows itself
     Options: type | None = None    # dataclass of the recipe's own `data.options` (None: it takes none)
 
-    def options(self, cfg: DataConfig) -> Any:
+    @classmethod
+    def options(cls, cfg: DataConfig) -> Any:
         "The recipe's options from `cfg.options`, checked (one-line errors name `data.options.<key>`)."
         given = dict(cfg.options or {})
-        if self.Options is None:
-            if given: raise ConfigError(f"data.options={given!r} is not allowed: recipe {self.name!r} takes no options; remove data.options")
+        if cls.Options is None:
+            if given: raise ConfigError(f"data.options={given!r} is not allowed: recipe {cls.name!r} takes no options; remove data.options")
             return None
-        opts = dataclass_from_dict(self.Options, given, 'data.options')
+        opts = dataclass_from_dict(cls.Options, given, 'data.options')
         return opts.validate() if hasattr(opts, 'validate') else opts
 
     def make_provider(self, cfg: DataConfig, corpus: CorpusData | None = None) -> Provider:
@@ -162,12 +165,50 @@ def get_recipe(name: str) -> Recipe:
     return RECIPES[name]
 
 # %% ../nbs/05a_recipes.ipynb #r015
+@dataclasses.dataclass
+class MaskOptions:
+    "`data.options` of `char_diffusion`: how train windows are masked and how the loss weighs them."
+    levels: str = 'stage'        # 'stage': the stage schedule picks positions; 'stratified': window i of a batch gets level
+                                 # t_i = (perm_i + u) / B and each character is masked independently w.p. t_i (the ELBO's process)
+    complementary: bool = False  # train windows come in pairs, masked by a mask and its complement (every character supervised)
+    loss: str = 'token'          # 'token': mean over masked characters; 'elbo': mean over windows of each window's mean (1/t weight)
+    def validate(self) -> 'MaskOptions':
+        "One-line errors for a value that is not allowed."
+        if self.levels not in ('stage', 'stratified'): raise ConfigError(f"data.options.levels={self.levels!r} is not allowed; use 'stage' or 'stratified'")
+        if self.loss not in ('token', 'elbo'): raise ConfigError(f"data.options.loss={self.loss!r} is not allowed; use 'token' or 'elbo'")
+        return self
+
+def stratified_masks(n: int, B: int, T: int, g: torch.Generator, complementary: bool = False) -> torch.Tensor:
+    "Bool (n*B, T): per batch of B rows, stratified levels t and iid Bernoulli(t) masks; odd rows the complement of even ones."
+    k = B // 2 if complementary else B                                   # independent rows per batch
+    t = (torch.rand(n, k, generator=g).argsort(-1).double() + torch.rand(n, 1, generator=g, dtype=torch.float64)) / k  # (n, k) in (0, 1)
+    m = torch.rand(n, k, T, generator=g, dtype=torch.float64) < t[..., None]   # (n, k, T)
+    if complementary: m = torch.stack([m, ~m], 2).view(n, 2 * k, T)      # rows 2j, 2j+1: a mask and its complement
+    return m.reshape(n * B, T)
+
 class CharDiffusionProvider(Provider):
     "Masked diffusion: `[MASK]` (BERT 80/10/10 in random stages) at masked positions; targets only there."
     recipe = 'char_diffusion'
+    def __init__(self, cfg, corpus=None):
+        self.opts = CharDiffusion.options(cfg) or MaskOptions()
+        if self.opts.complementary and cfg.batch_size % 2: raise ConfigError(f"data.batch_size={cfg.batch_size} is odd; complementary masks need an even batch size")
+        super().__init__(cfg, corpus)
+
+    def sample_rows(self, split, n, g):
+        "Windows as in `Provider`, each repeated twice for complementary masks (train)."
+        if split == 'train' and self.opts.complementary: return super().sample_rows(split, n // 2, g).repeat_interleave(2, 0)
+        return super().sample_rows(split, n, g)
+
+    def stage_masks(self, split, stage, B, g):
+        "The stage schedule's masks, or stratified iid masks (train, `levels: stratified`)."
+        if split == 'train' and (self.opts.levels == 'stratified' or self.opts.complementary):
+            return stratified_masks(len(stage), B, self.cfg.block_size, g, self.opts.complementary)
+        return super().stage_masks(split, stage, B, g)
+
     def corrupt(self, x0, mask, row_stage, split, g):
         x = where_u8(mask, torch.tensor(self.mask_id, dtype=torch.uint8), x0)  # (R, T)
-        bert = [s for s, st in enumerate(self.stages[split]) if st['type'] == 'random' and self.cfg.random_stage_corruption == 'bert']
+        plain = split == 'train' and (self.opts.levels == 'stratified' or self.opts.complementary)  # the absorbing process: [MASK] only
+        bert = [] if plain else [s for s, st in enumerate(self.stages[split]) if st['type'] == 'random' and self.cfg.random_stage_corruption == 'bert']
         if bert:
             rows = torch.isin(row_stage, torch.tensor(bert)).nonzero().flatten()  # rows of random stages
             if len(rows): x[rows] = bert_corrupt(x0[rows], mask[rows], self.mask_id, self.candidates, g).to(torch.uint8)
@@ -179,9 +220,18 @@ class CharDiffusionProvider(Provider):
 
 class CharDiffusion(Recipe):
     "Masked (absorbing-state) diffusion."
-    name, provider = 'char_diffusion', CharDiffusionProvider
+    name, provider, Options = 'char_diffusion', CharDiffusionProvider, MaskOptions
     x, y = '[MASK] at positions picked by the stage schedule (BERT 80/10/10 in random stages)', 'original character at masked positions'
     likelihood, samplers = 'ELBO', ('unmask',)
+    def loss(self, model, batch, meta):
+        x, y = batch['x'], batch['y']
+        ignore = int(meta.get('ignore_index', -100))
+        w = None
+        if (meta.get('options') or {}).get('loss') == 'elbo':  # each window's masked characters weigh 1 / (its count)
+            tgt = y != ignore
+            w = tgt / tgt.sum(-1, keepdim=True).clamp(min=1)
+        return token_stats(model(x), x, y, ignore, weight=w)
+
     def bpc(self, model, corpus, meta, ev):
         from ddiff.evaluate import elbo_bpc
         r = elbo_bpc(model, corpus.val, int(meta['mask_id']), int(meta['block_size']), n_windows=ev.n_windows, seed=ev.seed,
@@ -215,9 +265,10 @@ def rr_kernel(meta: dict) -> tuple[float, float, float, str]:
     "(w_uniform, w_mask, multiplier, caveat) of the per-character process closest to a random-replacement queue."
     r, m, f = (float(v) for v in meta['mixture'])
     caveat = 'the bound is for independent per-character corruption; stage schedules pick positions in clusters and per-row counts'
-    if f > 0: caveat += f'; fragments (weight {f:g}) are not a per-character kernel and are left out of the bound'
-    if r + m == 0: r = 1.0  # fragments only: score the model under uniform noise
-    return r / (r + m), m / (r + m), float(meta['original_token_multiplier']), caveat
+    if f > 0: caveat += f'; fragments (weight {f:g}) are not a per-character kernel: the bound gives their share to [MASK], as the corruption does where no fragment fits'
+    mult = float(meta['original_token_multiplier'])
+    if mult <= 0: mult, caveat = 1e-6, caveat + '; multiplier 0 is scored as 1e-6'
+    return r / (r + m + f), (m + f) / (r + m + f), mult, caveat
 
 class RandomReplacement(Recipe):
     "Random replacement with a (random, [MASK], fragment) mixture and full targets."
