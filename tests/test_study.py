@@ -27,7 +27,7 @@ def run_notebook(cfg: dict, run_dir: Path) -> None:
     import papermill as pm
     run_dir.mkdir(parents=True, exist_ok=True)
     pm.execute_notebook(str(ROOT / 'nbs/experiments/study.ipynb'), str(run_dir / 'study.ipynb'), cwd=str(run_dir), progress_bar=False,
-                        kernel_name='python3', parameters={'run_dir': str(run_dir), **{s: cfg.get(s) or {} for s in SECTIONS}})
+                        kernel_name='python3', parameters={'run_dir': str(run_dir), 'base': '', **{s: cfg.get(s) or {} for s in SECTIONS}})
 
 def mtimes(paths) -> dict:
     return {str(p): p.stat().st_mtime_ns for p in paths}
