@@ -365,7 +365,8 @@ _CSS = """<style>
 .dd-explorer .dd-caption {font-size:11px;color:#444;line-height:1.25;white-space:normal;max-width:360px}
 .dd-explorer .dd-view {transition:opacity .08s}
 .dd-explorer.dd-busy .dd-view {opacity:.45}
-.dd-explorer .widget-html-content {white-space:normal}
+.dd-explorer .widget-html-content {white-space:normal;min-width:0;flex:1 1 auto;max-width:100%}
+.dd-explorer .dd-view {max-width:100%;overflow:hidden}
 .jp-OutputArea:has(.dd-explorer-live) .dd-snapshot, .output:has(.dd-explorer-live) .dd-snapshot {display:none}
 </style>"""
 
@@ -412,7 +413,7 @@ class _Controls:
         self.w_mix_note = W.HTML()
         self.w_export = W.Button(description='export YAML', icon='download', tooltip='a data: section for ddiff prepare with this stage and mixture')
         self.w_yaml = W.Textarea(layout=W.Layout(width='360px', height='190px', display='none'))
-        self.w_status, self.w_view = W.HTML(), W.HTML(layout=W.Layout(width='100%'))
+        self.w_status, self.w_view = W.HTML(), W.HTML(layout=W.Layout(width='auto'))
         groups = [_group('Data', [self.w_recipe, W.HBox([self.w_seed, self.w_new]), self.w_schedule,
                                   W.HBox([self.w_prev, self.w_stage, self.w_next]), self.w_compare, self.w_export, self.w_yaml]),
                   _group('Masking stage', [self.w_type, *self.knob_boxes.values()]),
