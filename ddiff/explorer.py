@@ -177,6 +177,10 @@ def mixture_note(stats: dict[str, Any], # output of `corruption_stats`
     return msg + f" by chance: {stats['kind_counts']['random'] + stats['kind_counts']['mask'] + stats['kind_counts']['fragment']} masked positions are few."
 
 # %% ../nbs/08_explorer.ipynb #c050
+def _tick(v: float) -> str:
+    "A short axis label: 0.5, 128, 2.7k."
+    return f'{v / 1000:.1f}k' if v >= 10_000 else f'{v:.0f}' if v >= 10 else f'{v:.2g}'
+
 def svg_bars(values: Sequence[float], # bar heights
              labels: Sequence[str], # one label per bar (shown under every bar when few, else first/last)
              title: str, # text above the plot
@@ -189,7 +193,7 @@ def svg_bars(values: Sequence[float], # bar heights
     "A small bar chart as inline SVG: no image encoding, so it draws in milliseconds."
     n = len(values)
     top = ymax if ymax else max(max(values, default=0), max(marks or [0]), 1e-9)
-    L, R, T, B = 38, 6, 20, 34                                           # margins
+    L, R, T, B = 46, 6, 20, 34                                           # margins
     pw, ph = w - L - R, h - T - B
     bw = pw / max(n, 1)
     cols = [colours] * n if isinstance(colours, str) else list(colours)
@@ -200,7 +204,7 @@ def svg_bars(values: Sequence[float], # bar heights
     for frac in (0, 0.5, 1):                                             # y grid and tick labels
         y = T + ph * (1 - frac)
         out.append(f'<line x1="{L}" x2="{w - R}" y1="{y:.1f}" y2="{y:.1f}" stroke="#ddd"/>'
-                   f'<text x="{L - 3}" y="{y + 3:.1f}" text-anchor="end" fill="#333">{top * frac:.3g}</text>')
+                   f'<text x="{L - 3}" y="{y + 3:.1f}" text-anchor="end" fill="#333">{_tick(top * frac)}</text>')
     for i, v in enumerate(values):
         bh = ph * min(v / top, 1.0)
         out.append(f'<rect x="{L + i * bw + 0.5:.1f}" y="{T + ph - bh:.1f}" width="{max(bw - 1, 0.5):.1f}" height="{bh:.1f}" '
@@ -211,7 +215,7 @@ def svg_bars(values: Sequence[float], # bar heights
         if n <= 8 or i in (0, n - 1) or i == n // 2:
             out.append(f'<text x="{L + (i + 0.5) * bw:.1f}" y="{T + ph + 12}" text-anchor="middle" fill="#333">{e(labels[i])}</text>')
     out.append(f'<line x1="{L}" x2="{L}" y1="{T}" y2="{T + ph}" stroke="#555"/>')
-    if ylabel: out.append(f'<text x="10" y="{T + ph / 2}" transform="rotate(-90 10 {T + ph / 2})" text-anchor="middle" fill="#333">{e(ylabel)}</text>')
+    if ylabel: out.append(f'<text x="9" y="{T + ph / 2}" transform="rotate(-90 9 {T + ph / 2})" text-anchor="middle" fill="#333">{e(ylabel)}</text>')
     return ''.join(out) + '</svg>'
 
 def render_stats_svg(stats: dict[str, Any], # output of `corruption_stats`
@@ -309,7 +313,7 @@ def render_schedule_html(schedule: dict[str, Any], # output of `load_schedule`
     trs = []
     for i, (st, share, r) in enumerate(zip(stages, w, ratios)):
         bg = 'background:#fff3b0;font-weight:bold;' if i == current else ''
-        trs.append(f'<tr style="{bg}"><td>{html.escape(stage_label(i, st))}</td><td style="text-align:right">{share:.0%}</td>'
+        trs.append(f'<tr style="{bg}"><td style="text-align:left">{html.escape(stage_label(i, st))}</td><td style="text-align:right">{share:.0%}</td>'
                    f'<td style="text-align:right">{r.mean():.2f}</td></tr>')
     allr = np.concatenate([np.repeat(r, max(1, round(s * 100))) for r, s in zip(ratios, w)])  # rows weighted by stage share
     hist = np.histogram(allr, bins=20, range=(0, 1))[0] / len(allr)
