@@ -476,7 +476,11 @@ class _View:
         parts = [f'<div style="font-family:sans-serif;font-size:12px">{head}</div>',
                  f'<div class="dd-note" style="font-family:sans-serif;font-size:12px;color:#7a3e00;margin:2px 0">⚠ {html.escape(note)}</div>' if note else '',
                  render_corruption_html(ex, self.data.vocab, max_rows=self.rows), render_stats_svg(st, s['mixture'] if uses_mix else None)]
-        if self.schedule: parts.append(compare_schedules_html(self.schedule, self.other, self.w_stage.value, self.block_size))
+        if self.schedule:
+            i, sched = self.w_stage.value, self.schedule['stages'][self.w_stage.value]
+            edited = any(round(sched[k], 4) != round(v, 4) for k, v in s['stage'].items() if k != 'type') or sched['type'] != s['stage']['type']
+            parts[0] = parts[0].replace('</div>', f", stage {i} of {html.escape(self.schedule['name'])}{' (edited)' if edited else ''}</div>")
+            parts.append(compare_schedules_html(self.schedule, self.other, i, self.block_size))
         return f'<div class="dd-view" data-view="{self.view_id + 1}">' + ''.join(parts) + '</div>'
 
     def update(self, _=None):

@@ -180,6 +180,8 @@ def drive(page, url, lab, shots, lat, errors):
     assert a.count('dd-schedule-view') == 2
     for i in range(4):  # a few more slider steps for the figures
         act(page, f'target_masked_ratio step {i}', lambda: (handle.focus(), page.keyboard.press('PageUp')), lat)
+    assert page.locator('.dd-explorer .dd-note').count(), 'rows over half masked take no fragments: the view must say so'
+    assert page.locator('.dd-explorer .dd-head').count() == 3 and page.locator('.dd-explorer .dd-caption').count() >= 5
     page.get_by_role('button', name='export YAML').click()
     page.wait_for_function("() => [...document.querySelectorAll('.dd-explorer textarea')].some(t => t.value.includes('train_stages'))")
     assert not page.locator('.jp-OutputArea-output:has-text("Error displaying widget")').count(), 'a widget failed to display'
