@@ -393,7 +393,7 @@ class _Controls:
     def _build(self, recipe, stage, mixture, multiplier, seed):
         "Create the widgets, grouped under headings in a wrapping row, and wire them."
         import ipywidgets as W
-        sty = {'description_width': '120px'}
+        sty = {'description_width': '140px'}
         wide = lambda: W.Layout(width='360px')
         self.w_recipe = W.Dropdown(options=list(RECIPES), value=recipe, description='recipe', style=sty, layout=wide())
         self.w_seed = W.IntText(value=seed, description='seed', style=sty, layout=W.Layout(width='230px'))

@@ -146,6 +146,9 @@ def drive(page, url, lab, shots, lat, errors):
     page.evaluate(ARM)
     page.locator('.dd-explorer').scroll_into_view_if_needed()
     page.screenshot(path=shots / 'explorer-start.png')
+    page.locator('.dd-explorer .dd-head').first.scroll_into_view_if_needed()
+    page.screenshot(path=shots / 'explorer-controls.png')
+    assert page.locator('.dd-snapshot').count() == 1 and not page.locator('.dd-snapshot').is_visible()  # hidden while live
 
     # layout: at 1280x800 with the file browser open the controls wrap; only the text rows may scroll sideways
     box = page.locator('.dd-explorer')
@@ -206,3 +209,5 @@ def drive(page, url, lab, shots, lat, errors):
     assert snap.first.is_visible() and f'view {last},' in snap.first.inner_text()
     assert snap.first.locator('.dd-view svg').count() >= 3
     page.screenshot(path=shots / 'explorer-reopened.png')
+    page.locator('.dd-snapshot').first.scroll_into_view_if_needed()
+    page.screenshot(path=shots / 'explorer-reopened-top.png')
