@@ -400,7 +400,8 @@ class _Controls:
         self.w_new = W.Button(description='new sample', icon='refresh', tooltip='draw other windows and masks (seed + 1)', layout=W.Layout(width='120px'))
         self.w_schedule = W.Dropdown(options=[_NONE, *self.schedules], value=_NONE, description='schedule', style=sty, layout=wide(),
                                      tooltip='load the train_stages of a config in configs/ and step through its stages')
-        self.w_stage = W.IntSlider(value=0, min=0, max=0, description='stage', style=sty, layout=W.Layout(width='260px'), disabled=True)
+        self.w_stage = W.IntSlider(value=0, min=0, max=0, description='stage', style={'description_width': '50px'},
+                                   layout=W.Layout(width='260px'), disabled=True)
         self.w_prev, self.w_next = (W.Button(description=d, layout=W.Layout(width='46px'), disabled=True) for d in ('◀', '▶'))
         self.w_compare = W.Dropdown(options=[_NONE, *self.schedules], value=_NONE, description='compare with', style=sty, layout=wide())
         defaults = {'max_masked_ratio': 0.5, 'target_masked_ratio': 0.3, 'p1_probability': 0.05, 'p2_probability': 0.5, 'spans_count': 3}
