@@ -12,13 +12,16 @@ import torch
 
 from .core import DDiffError, atomic_write_bytes
 from .corpus import load_corpus
-from .providers import DataConfig, make_provider, PROVIDERS
+from .core import check_positive
+from .providers import DataConfig, make_provider
+
+QUEUE_RECIPES = ('char_diffusion', 'char_random_replacement')  # recipes whose producers are timed by default
 
 # %% auto #0
-__all__ = ['BENCHMARKS', 'bench_producer', 'format_rows', 'bench_quality', 'main']
+__all__ = ['QUEUE_RECIPES', 'BENCHMARKS', 'bench_producer', 'format_rows', 'bench_train', 'bench_quality', 'main']
 
 # %% ../nbs/09_bench.ipynb #c005
-def bench_producer(recipes: Sequence[str] = tuple(PROVIDERS), # data recipes to time
+def bench_producer(recipes: Sequence[str] = QUEUE_RECIPES, # data recipes to time (any recipe with a provider)
                    block_sizes: Sequence[int] = (256, 1024), # window lengths
                    batch_size: int = 32, # windows per batch
                    batches_per_file: int = 16, # batches per file
@@ -67,6 +70,24 @@ def format_rows(rows: list[dict]) -> str:
                       for r in rows]
     return '\n'.join(lines)
 
+# %% ../nbs/09_bench.ipynb #c009t
+def bench_train(config: dict | str | os.PathLike,  # config dict or YAML path
+                steps: int = 50,  # timed optimizer steps (after 5 warmup steps)
+                overrides: list[str] | tuple = (),  # extra section.key=value overrides
+                verbose: bool = True,  # print the summary line
+               ) -> dict:
+    "Train `steps` steps without evaluation or checkpoints; report tokens/s and the share of time spent waiting for data."
+    from ddiff.train import train
+    check_positive('steps', steps, integer=True)
+    with tempfile.TemporaryDirectory(prefix='ddiff-bench-') as d:
+        res = train(config, [*overrides, f'train.max_steps={steps + 5}', f'train.eval_interval={10**9}', 'train.checkpoint=false',
+                             'train.final_eval=false', 'train.progress=false', f'train.out_dir={d}', 'train.resume=false',
+                             'train.eval_batches=1'])
+    t = res['timing']
+    if verbose: print(f"train: {t['tokens_per_s']:,.0f} tokens/s, {1000 * t['step_s']:.1f} ms/step, "
+                      f"waiting for data {100 * t['data_wait_share']:.1f}% of step time ({t['steps_timed']} steps, {res['n_params']:,} parameters)")
+    return {**t, 'n_params': res['n_params']}
+
 # %% ../nbs/09_bench.ipynb #c011
 def bench_quality(configs: Sequence[str] = ('configs/cpu.yaml', 'configs/cpu_ar.yaml'),  # runs to compare (the last is the reference)
                   minutes: float = 10.0,   # wall-clock training budget of each run
@@ -76,7 +97,7 @@ def bench_quality(configs: Sequence[str] = ('configs/cpu.yaml', 'configs/cpu_ar.
                  ) -> list[dict]:
     "Train each config for the same wall time and print its final bits per character next to the reference's."
     from ddiff.core import project_root
-    from ddiff.train import bench_train, train
+    from ddiff.train import train
     rows = []
     for c in configs:
         path = Path(c) if Path(c).exists() else project_root() / c
@@ -98,7 +119,7 @@ def bench_quality(configs: Sequence[str] = ('configs/cpu.yaml', 'configs/cpu_ar.
 
 # %% ../nbs/09_bench.ipynb #c014
 def _producer_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument('--recipes', nargs='+', default=list(PROVIDERS), choices=list(PROVIDERS), help='data recipes')
+    ap.add_argument('--recipes', nargs='+', default=list(QUEUE_RECIPES), help='data recipes with a provider')
     ap.add_argument('--block-sizes', nargs='+', type=int, default=[256, 1024], help='window lengths')
     ap.add_argument('--batch-size', type=int, default=32)
     ap.add_argument('--batches-per-file', type=int, default=16)
@@ -120,7 +141,6 @@ def _train_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument('--steps', type=int, default=50, help='timed optimizer steps')
 
 def _train_run(args: argparse.Namespace) -> int:
-    from ddiff.train import bench_train
     from ddiff.core import project_root
     if args.steps < 1: raise DDiffError(f'--steps={args.steps} is not allowed; use a positive integer')
     cfg = Path(args.config) if Path(args.config).exists() else project_root() / args.config
@@ -158,13 +178,14 @@ def _sampler_run(args: argparse.Namespace) -> int:
     return 0
 
 def _quality_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument('configs', nargs='*', default=['configs/cpu.yaml', 'configs/cpu_ar.yaml'], help='configs to compare; the last is the reference')
+    ap.add_argument('args', nargs='*', help='configs to compare (the last is the reference; default: configs/cpu.yaml configs/cpu_ar.yaml), '
+                                             'then section.key=value overrides for every run')
     ap.add_argument('--minutes', type=float, default=10.0, help='training wall time of each run')
-    ap.add_argument('--override', action='append', default=[], help='section.key=value for every run (repeatable)')
 
 def _quality_run(args: argparse.Namespace) -> int:
     if not args.minutes > 0: raise DDiffError(f'--minutes={args.minutes} is not allowed; use a positive number')
-    bench_quality(args.configs or ['configs/cpu.yaml', 'configs/cpu_ar.yaml'], args.minutes, overrides=args.override)
+    configs = [a for a in args.args if '=' not in a] or ['configs/cpu.yaml', 'configs/cpu_ar.yaml']
+    bench_quality(configs, args.minutes, overrides=[a for a in args.args if '=' in a])
     return 0
 
 BENCHMARKS: dict[str, tuple[str, Callable, Callable]] = {

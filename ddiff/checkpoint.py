@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_checkpoint.ipynb #c002
 from __future__ import annotations
-import dataclasses, io, json, os
+import dataclasses, hashlib, io, json, os, pickle, re, warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +13,18 @@ import torch
 from .core import DDiffError, atomic_write_bytes, dataclass_from_dict, resolve_device
 
 # %% auto #0
-__all__ = ['CHECKPOINT_VERSION', 'JSON_PARTS', 'LAST', 'BEST', 'unwrap_model', 'save_checkpoint', 'checkpoint_path',
+__all__ = ['CHECKPOINT_VERSION', 'JSON_PARTS', 'LAST', 'BEST', 'HEADER', 'unwrap_model', 'save_checkpoint', 'checkpoint_path',
            'load_checkpoint', 'check_compatible', 'load_model']
 
 # %% ../nbs/11_checkpoint.ipynb #c005
 CHECKPOINT_VERSION = 1
 JSON_PARTS = ('model_cfg', 'data_meta', 'consumer_state', 'train_cfg', 'metrics', 'extra')  # stored as JSON strings
 LAST, BEST = 'last.pt', 'best.pt'  # file names inside a run folder
+HEADER = b'ddiff-checkpoint'  # first bytes of a checksummed checkpoint (older files start with torch's zip bytes)
+
+def _framed(payload: bytes) -> bytes:
+    "`payload` behind a one-line header holding its SHA-256 and length."
+    return f'{HEADER.decode()} sha256={hashlib.sha256(payload).hexdigest()} bytes={len(payload)}\n'.encode() + payload
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     "The plain module inside DDP (`.module`) and `torch.compile` (`._orig_mod`) wrappers."
@@ -61,7 +66,7 @@ def save_checkpoint(path: str | os.PathLike,  # file to write (its folder is cre
             'rng': dict(rng or {}), **{k: _to_json(k, v) for k, v in parts.items()}}
     buf = io.BytesIO()
     torch.save(ckpt, buf)
-    return atomic_write_bytes(path, buf.getvalue())
+    return atomic_write_bytes(path, _framed(buf.getvalue()))
 
 # %% ../nbs/11_checkpoint.ipynb #c008
 def checkpoint_path(path: str | os.PathLike) -> Path:
@@ -74,19 +79,49 @@ def checkpoint_path(path: str | os.PathLike) -> Path:
     if not p.is_file(): raise DDiffError(f"checkpoint {str(p)!r} does not exist; pass a .pt file written by 'ddiff train' or its run folder")
     return p
 
+def _advice(p: Path) -> str:
+    "What to do about a damaged checkpoint `p`."
+    if p.name == LAST: return f"to resume, copy {BEST} of the same run over it if that one loads, or retrain"
+    if p.name == BEST: return f"use {LAST} of the same run if that one loads, or retrain"
+    return f"use another checkpoint of the run ({BEST} or {LAST}) or retrain"
+
+def _payload(data: bytes, p: Path) -> tuple[bytes, str | None]:
+    "The verified torch bytes of checkpoint file bytes `data` and their SHA-256 (None for a file from before checksums)."
+    if not data.startswith(HEADER + b' '): return data, None
+    head, _, payload = data.partition(b'\n')
+    m = re.fullmatch(rb'ddiff-checkpoint sha256=([0-9a-f]{64}) bytes=(\d+)', head)
+    if m is None: raise DDiffError(f"checkpoint {str(p)!r} is corrupted (its header line is damaged); {_advice(p)}")
+    if len(payload) < int(m[2]):
+        raise DDiffError(f"checkpoint {str(p)!r} is truncated ({len(payload)} of {int(m[2])} bytes); {_advice(p)}")
+    digest = hashlib.sha256(payload).hexdigest()
+    if len(payload) != int(m[2]) or digest != m[1].decode():
+        raise DDiffError(f"checkpoint {str(p)!r} is corrupted (its bytes do not match the SHA-256 stored when it was saved); {_advice(p)}")
+    return payload, digest
+
+def _reason(e: Exception) -> str:
+    "A short cause for torch's refusal to load, without its advice to load unsafely."
+    if isinstance(e, pickle.UnpicklingError):
+        m = re.search(r'Unsupported global: (?:GLOBAL )?([\w.]+)', str(e))
+        return f'it holds a Python object, {m[1]}, that is not a tensor or plain data' if m else 'its pickle is not one of tensors and plain data'
+    first = re.split(r'(?<=\.)\s', str(e).strip())[0] if str(e).strip() else ''
+    return f'{type(e).__name__}: {first[:160]}' if first and 'weights_only' not in first else type(e).__name__
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 'cpu') -> dict:
-    "Safely load a checkpoint (`weights_only=True`); JSON parts come back as dicts."
+    "Verify and safely load a checkpoint (`weights_only=True`); JSON parts come back as dicts."
     p = checkpoint_path(path)
-    try: ckpt = torch.load(p, map_location=map_location, weights_only=True)
+    payload, digest = _payload(p.read_bytes(), p)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')  # torch warns about pickle protocols of files it then refuses anyway
+            ckpt = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DDiffError(f"checkpoint {str(p)!r} cannot be read safely ({type(e).__name__}: {first[:200]}); it is truncated, corrupt or not a ddiff checkpoint")
+        raise DDiffError(f"checkpoint {str(p)!r} cannot be read safely ({_reason(e)}); it is truncated, corrupt or not a ddiff checkpoint; {_advice(p)}") from None
     if not isinstance(ckpt, dict) or 'ddiff_checkpoint' not in ckpt:
         raise DDiffError(f"{str(p)!r} is not a ddiff checkpoint (no 'ddiff_checkpoint' version key)")
     if ckpt['ddiff_checkpoint'] > CHECKPOINT_VERSION:
         raise DDiffError(f"checkpoint {str(p)!r} has layout version {ckpt['ddiff_checkpoint']} but this ddiff reads up to {CHECKPOINT_VERSION}; upgrade ddiff")
     for k in JSON_PARTS: ckpt[k] = json.loads(ckpt[k]) if isinstance(ckpt.get(k), str) else ckpt.get(k)
-    ckpt['path'] = str(p)
+    ckpt['path'], ckpt['sha256'] = str(p), digest
     return ckpt
 
 # %% ../nbs/11_checkpoint.ipynb #c014
@@ -113,7 +148,11 @@ def load_model(path: str | os.PathLike,  # checkpoint file or run folder
     ckpt = load_checkpoint(path, map_location='cpu')
     if not isinstance(ckpt.get('model_cfg'), dict): raise DDiffError(f"checkpoint {ckpt['path']!r} has no model config; it was not written by 'ddiff train'")
     cfg = dataclass_from_dict(ModelConfig, ckpt['model_cfg'], 'model')
-    model = Transformer(cfg)
+    recipe = (ckpt.get('data_meta') or {}).get('recipe')
+    if recipe:  # the recipe builds its model (a recipe may add heads to the Transformer)
+        from ddiff.recipes import get_recipe
+        model = get_recipe(recipe).build_model(cfg)
+    else: model = Transformer(cfg)
     try: model.load_state_dict(ckpt['model'])
     except RuntimeError as e: raise DDiffError(f"checkpoint {ckpt['path']!r} weights do not fit its model config: {str(e).splitlines()[0]}")
     return model.to(resolve_device(device)).eval(), ckpt

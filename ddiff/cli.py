@@ -13,6 +13,7 @@ __all__ = ['COMMANDS', 'usage', 'command_main', 'main']
 
 # %% ../nbs/20_cli.ipynb #c004
 COMMANDS: dict[str, tuple[str, str]] = {
+    'recipes':  ('ddiff.recipes',     'list the registered training recipes (strategies)'),
     'prepare':  ('ddiff.prepare',     'run a data producer that fills the file queue'),
     'train':    ('ddiff.train',       'train a denoiser (or the autoregressive baseline) on a config'),
     'evaluate': ('ddiff.evaluate',    'bits per character (ELBO / exact) of a checkpoint'),

@@ -4,15 +4,16 @@
 
 # %% ../nbs/00_core.ipynb #c002
 from __future__ import annotations
-import dataclasses, hashlib, os, tempfile, json, types, typing
+import dataclasses, hashlib, json, math, os, re, socket, tempfile, time, types, typing
 from pathlib import Path
 from typing import Any
 
 import torch, yaml
 
 # %% auto #0
-__all__ = ['TMP_PREFIX', 'DDiffError', 'ConfigError', 'stable_seed', 'make_generator', 'resolve_device', 'project_root',
-           'data_root', 'outputs_root', 'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json', 'load_yaml',
+__all__ = ['TMP_PREFIX', 'HOST_TAG', 'DDiffError', 'ConfigError', 'stable_seed', 'make_generator', 'resolve_device',
+           'project_root', 'data_root', 'outputs_root', 'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json',
+           'pid_alive', 'temp_file_writer', 'remove_stale_temp_files', 'check_writable', 'parse_yaml', 'load_yaml',
            'parse_override', 'apply_overrides', 'dataclass_from_dict', 'check_positive', 'check_fraction']
 
 # %% ../nbs/00_core.ipynb #c005
@@ -76,12 +77,17 @@ def outputs_root() -> Path:
 
 # %% ../nbs/00_core.ipynb #c017
 TMP_PREFIX = '.tmp-'
+HOST_TAG = hashlib.blake2b(socket.gethostname().encode('utf-8'), digest_size=4).hexdigest()  # 8 hex digits naming this machine
+
+def _tmp_prefix(name: str) -> str:
+    "The temporary-file prefix for target `name`: '.tmp-<name>.<pid>-<host>.'."
+    return f'{TMP_PREFIX}{name}.{os.getpid()}-{HOST_TAG}.'
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     "Write `data` to `path` so that readers see either the old file or the whole new one."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + '.', dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path.name), dir=path.parent)
     try:
         os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; queue files and metadata are meant to be shared
         with os.fdopen(fd, 'wb') as f:
@@ -101,16 +107,73 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     "Atomically write `obj` as indented, key-sorted JSON (human-readable and diffable)."
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + '\n')
 
+# %% ../nbs/00_core.ipynb #c018b
+def pid_alive(pid: int) -> bool:
+    "Whether process `pid` runs on this machine (a zombie, killed but not yet reaped, counts as gone)."
+    if not isinstance(pid, int) or pid <= 0: return False
+    try: os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError): return False
+    except PermissionError: return True  # it exists but belongs to another user
+    try: return Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0] != 'Z'
+    except (OSError, IndexError): return True  # no /proc (macOS): os.kill is all we know
+
+def temp_file_writer(name: str) -> tuple[int, str] | None:
+    "The `(pid, host_tag)` in a temporary file name written by `atomic_write_bytes`, or None for other names."
+    m = re.fullmatch(re.escape(TMP_PREFIX) + r'.+\.(\d+)-([0-9a-f]{8})\.[^.]+', name)
+    return (int(m[1]), m[2]) if m else None
+
+def remove_stale_temp_files(folder: str | os.PathLike,  # a folder written with atomic_write_bytes (missing: nothing to do)
+                            max_age: float = 3600.0,  # seconds after which a temp file whose writer cannot be checked is stale
+                           ) -> list[Path]:
+    "Remove the temporary files in `folder` whose writer is gone; returns the removed paths."
+    folder, removed, now = Path(folder), [], time.time()
+    try: names = sorted(os.listdir(folder))
+    except (FileNotFoundError, NotADirectoryError): return removed
+    for name in names:
+        if not name.startswith(TMP_PREFIX): continue
+        p, w = folder / name, temp_file_writer(name)
+        try:
+            if p.is_symlink() or not p.is_file(): continue
+            mine = w is not None and w[1] == HOST_TAG  # written on this machine: its pid can be checked
+            if (mine and pid_alive(w[0])) or (not mine and now - p.stat().st_mtime < max_age): continue
+            p.unlink(); removed.append(p)
+        except FileNotFoundError: pass  # its writer renamed or removed it meanwhile
+    return removed
+
+# %% ../nbs/00_core.ipynb #c018e
+def check_writable(path: str | os.PathLike,  # a folder that must be writable (created with its parents if missing)
+                   key: str,  # the setting that chose it, named in the error (e.g. 'train.out_dir' or 'DDIFF_DATA')
+                  ) -> Path:
+    "Create folder `path` if needed and prove that a file can be created in it; a one-line `ConfigError` otherwise."
+    p = Path(path).expanduser()
+    try:
+        if p.exists() and not p.is_dir(): raise NotADirectoryError(20, 'it exists and is not a folder')
+        p.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=_tmp_prefix('probe'), dir=p)
+        os.close(fd); os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"cannot write to {str(p)!r} ({key}): {e.strerror or e}; choose a writable folder") from None
+    return p
+
 # %% ../nbs/00_core.ipynb #c020
+def parse_yaml(text: str,  # YAML text
+               where: str,  # what it is, for errors (e.g. "config file 'a.yaml'")
+              ) -> dict:
+    "The mapping in YAML `text`; bad YAML is a one-line error naming its line and column."
+    try: cfg = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        m = getattr(e, 'problem_mark', None)
+        at = f' at line {m.line + 1}, column {m.column + 1}' if m is not None else ''
+        raise ConfigError(f"{where} is not valid YAML{at}: {getattr(e, 'problem', None) or str(e).splitlines()[0]}") from None
+    if cfg is None: cfg = {}
+    if not isinstance(cfg, dict): raise ConfigError(f"{where} must hold a mapping of sections, got {type(cfg).__name__}")
+    return cfg
+
 def load_yaml(path: str | os.PathLike) -> dict:
     "Read a YAML mapping from `path`, with one-line errors for a missing file or bad YAML."
     p = Path(path)
     if not p.is_file(): raise ConfigError(f"config file {str(p)!r} does not exist; pass the path of a YAML file (see configs/)")
-    try: cfg = yaml.safe_load(p.read_text(encoding='utf-8'))
-    except yaml.YAMLError as e: raise ConfigError(f"config file {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}")
-    if cfg is None: cfg = {}
-    if not isinstance(cfg, dict): raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections, got {type(cfg).__name__}")
-    return cfg
+    return parse_yaml(p.read_text(encoding='utf-8'), f'config file {str(p)!r}')
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     "Split `'a.b=value'` into `(['a','b'], parsed_value)`; the value is parsed as YAML."
@@ -162,14 +225,27 @@ def _type_ok(value: Any, tp: Any) -> bool:
     if isinstance(tp, type): return isinstance(value, tp)
     return True
 
+def _numeric(tp: Any) -> bool:
+    "Whether annotation `tp` is int or float (or a union holding one)."
+    if typing.get_origin(tp) in (typing.Union, types.UnionType): return any(_numeric(a) for a in typing.get_args(tp))
+    return tp in (int, float)
+
+def _non_finite(value: Any) -> bool:
+    "Whether `value` is NaN or ±inf, as a float or as text such as 'inf' or '-nan'."
+    if isinstance(value, str):
+        try: value = float(value.strip())
+        except ValueError: return False
+    return isinstance(value, float) and not math.isfinite(value)
+
 def dataclass_from_dict(cls: type, d: dict | None, where: str = '') -> Any:
-    "Build dataclass `cls` from `d`, rejecting unknown keys and wrongly typed values with one-line errors."
+    "Build dataclass `cls` from `d`, rejecting unknown keys, wrongly typed and non-finite values with one-line errors."
     d = dict(d or {})
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     prefix = f'{where}.' if where else ''
     for k, v in d.items():
         if k not in names: raise ConfigError(f"unknown config key {prefix + str(k)!r}; allowed: {', '.join(names)}")
+        if _numeric(hints[k]) and _non_finite(v): raise ConfigError(f"{prefix + k}={v!r} is not a finite number; use a finite value")
         d[k] = v = _as_number(v) if hints[k] in (float, int, float | None) else v
         if isinstance(v, float) and hints[k] is int and v.is_integer(): d[k] = int(v)
         elif isinstance(v, int) and not isinstance(v, bool) and hints[k] is float: d[k] = float(v)
@@ -180,9 +256,10 @@ def dataclass_from_dict(cls: type, d: dict | None, where: str = '') -> Any:
 
 # %% ../nbs/00_core.ipynb #c025
 def check_positive(name: str, value: float, integer: bool = False) -> None:
-    "Raise a one-line `ConfigError` unless `value` is positive (and an integer when `integer`)."
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)) or not value > 0:
-        raise ConfigError(f"{name}={value!r} is not allowed; use a positive {'integer' if integer else 'number'}")
+    "Raise a one-line `ConfigError` unless `value` is positive and finite (and an integer when `integer`)."
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int))
+            or not 0 < value < math.inf):
+        raise ConfigError(f"{name}={value!r} is not allowed; use a positive {'integer' if integer else 'finite number'}")
 
 def check_fraction(name: str, value: float) -> None:
     "Raise a one-line `ConfigError` unless `value` is a number in [0, 1]."

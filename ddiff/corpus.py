@@ -15,7 +15,7 @@ from .core import DDiffError, atomic_write_bytes, data_root
 
 # %% auto #0
 __all__ = ['CORPORA', 'MASK_TOKEN', 'MAX_CHARS', 'CorpusSpec', 'mirror_dirs', 'sha256_bytes', 'download', 'corpus_path',
-           'load_text', 'Vocab', 'CorpusData', 'load_corpus', 'window_starts']
+           'load_text', 'normalize_newlines', 'Vocab', 'CorpusData', 'load_corpus', 'window_starts']
 
 # %% ../nbs/01_corpus.ipynb #c005
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +90,12 @@ def load_text(name_or_path: str | os.PathLike) -> tuple[str, str]:
     except UnicodeDecodeError as e: raise DDiffError(f"corpus file {str(p)!r} is not UTF-8 text (byte {e.start}); convert it to UTF-8")
     return text, digest
 
+# %% ../nbs/01_corpus.ipynb #c018b
+def normalize_newlines(text: str) -> tuple[str, bool]:
+    "`text` with '\\r\\n' and lone '\\r' line endings turned into '\\n', and whether there were any."
+    if '\r' not in text: return text, False
+    return text.replace('\r\n', '\n').replace('\r', '\n'), True
+
 # %% ../nbs/01_corpus.ipynb #c020
 MASK_TOKEN = '[MASK]'
 
@@ -150,22 +156,24 @@ class CorpusData:
     vocab: Vocab          # characters + [MASK]
     train: torch.Tensor   # (N_train,) uint8 token ids
     val: torch.Tensor     # (N_val,) uint8 token ids
+    newlines_normalized: bool = False  # True if the file had '\r\n' or '\r' line endings, turned into '\n'
 
 MAX_CHARS = 254  # mask_id must fit uint8 and stay below the stored ignore sentinel 255
 
 def load_corpus(name_or_path: str | os.PathLike,  # registry name or text file path
                 train_frac: float = 0.9,          # leading fraction of characters used for training
                ) -> CorpusData:
-    "Load, encode and split a corpus into uint8 train and val token tensors."
+    "Load, normalise line endings, encode and split a corpus into uint8 train and val token tensors."
     if isinstance(train_frac, bool) or not isinstance(train_frac, (int, float)) or not 0 < train_frac < 1:
         raise DDiffError(f"train_frac={train_frac!r} is not allowed; use a number strictly between 0 and 1")
     text, digest = load_text(name_or_path)
+    text, normalized = normalize_newlines(text)
     vocab = Vocab.from_text(text)
     if len(vocab.chars) > MAX_CHARS:
         raise DDiffError(f"corpus {str(name_or_path)!r} has {len(vocab.chars)} distinct characters; at most {MAX_CHARS} are supported")
     tokens = vocab.encode(text).to(torch.uint8)  # (N,)
     n_train = int(len(tokens) * train_frac)
-    return CorpusData(str(name_or_path), digest, vocab, tokens[:n_train].clone(), tokens[n_train:].clone())
+    return CorpusData(str(name_or_path), digest, vocab, tokens[:n_train].clone(), tokens[n_train:].clone(), normalized)
 
 # %% ../nbs/01_corpus.ipynb #c028
 def window_starts(tokens: torch.Tensor,  # (N,) token ids of one split

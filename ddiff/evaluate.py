@@ -181,7 +181,7 @@ def ar_bpc(model: nn.Module,                 # causal model: logits at i predict
 
 # %% ../nbs/13_evaluate.ipynb #c028
 def rr_metrics(model: nn.Module,                      # denoiser: (B, T) ids -> (B, T, V) logits
-               batches: Iterable,                     # (x, y) pairs of (B, T) ids; y = ignore_index where no target
+               batches: Iterable,                     # batches {'x', 'y'} (or (x, y) pairs) of (B, T) ids; y = ignore_index where no target
                ignore_index: int | dict = -100,       # target marker of "no target", or a data meta dict holding it
                corrupted_mask: Callable | None = None,  # f(x, y) -> bool (B, T) of corrupted positions (default: x != y)
                mask_id: int | None = None,            # class excluded from predictions (default: the meta's, if given)
@@ -196,7 +196,8 @@ def rr_metrics(model: nn.Module,                      # denoiser: (B, T) ids -> 
     n_batches = 0
     dev = _place(model, device)
     with eval_mode(model), torch.no_grad():
-        for x, y in batches:
+        for b in batches:
+            x, y = (b['x'], b['y']) if isinstance(b, dict) else b
             x, y = torch.as_tensor(x).long().to(dev), torch.as_tensor(y).long().to(dev)  # (B, T)
             target = y != ignore_index                                      # (B, T)
             corrupt = (x != y) if corrupted_mask is None else corrupted_mask(x, y).to(dev).bool()
@@ -237,63 +238,62 @@ class EvalConfig:
         return self
 
 # %% ../nbs/13_evaluate.ipynb #c035
-def evaluate_checkpoint(path,                              # checkpoint file or run folder
-                        n_windows: int | None = None,      # validation windows (None: all)
-                        seed: int = 0,                     # ELBO seed
-                        n_levels_per_window: int = 1,      # ELBO levels per window
-                        batch_size: int = 16,              # windows per forward pass
-                        device: str = 'auto',              # where to run
-                        stride: int | None = None,         # AR window stride (None: block_size)
-                        queue: str | None = None,          # validation queue folder (random-replacement models)
-                        max_batches: int | None = None,    # random-replacement: validation batches to use (None: all val files)
+def _run_eval_config(ckpt_path: str, overrides: Iterable[str]) -> EvalConfig:
+    "The `eval:` section of the checkpoint's run (its config.json, if any) with `eval.key=value` overrides applied."
+    from pathlib import Path
+    from ddiff.core import ConfigError, apply_overrides, dataclass_from_dict
+    cfg_file = Path(ckpt_path).parent / 'config.json'
+    base = {}
+    if cfg_file.is_file():
+        try: base = json.loads(cfg_file.read_text()).get('eval') or {}
+        except (OSError, json.JSONDecodeError): base = {}
+    fields = {f.name: None for f in dataclasses.fields(EvalConfig)}
+    base = {k: v for k, v in base.items() if k in fields}
+    for o in overrides:
+        if not o.startswith('eval.'): raise ConfigError(f"override {o!r} is not allowed here; ddiff evaluate takes eval.key=value ({', '.join(fields)})")
+    cfg = apply_overrides({'eval': base}, overrides, {'eval': fields})
+    return dataclass_from_dict(EvalConfig, cfg['eval'], 'eval').validate()
+
+def evaluate_checkpoint(path,                               # checkpoint file or run folder
+                        overrides: Iterable[str] = (),      # eval.key=value settings
+                        device: str = 'auto',               # where to run
                        ) -> dict:
-    "Evaluate a checkpoint on its corpus' validation split; returns a JSON-ready dict."
+    "Bits per character of a checkpoint on its corpus' validation split, as its recipe computes them; a JSON-ready dict."
     from ddiff.checkpoint import load_model
     from ddiff.corpus import Vocab, load_corpus
+    from ddiff.recipes import get_recipe
     model, ckpt = load_model(path, device=device)
     meta = ckpt.get('data_meta') or {}
-    for k in ('corpus', 'block_size', 'mask_id', 'vocab'):
+    for k in ('corpus', 'block_size', 'mask_id', 'vocab', 'recipe'):
         if k not in meta: raise DDiffError(f"checkpoint {ckpt['path']!r} has no data meta key {k!r}; it was not written by 'ddiff train'")
+    ev = _run_eval_config(ckpt['path'], list(overrides))
     data = load_corpus(meta['corpus'])
     if meta.get('corpus_sha256') and meta['corpus_sha256'] != data.sha256:
         raise DDiffError(f"corpus {meta['corpus']!r} has sha256 {data.sha256[:12]}... but the checkpoint was trained on {meta['corpus_sha256'][:12]}...; restore that text")
     if Vocab.from_dict(meta['vocab']) != data.vocab:
         raise DDiffError(f"corpus {meta['corpus']!r} gives a different vocabulary than the checkpoint's; evaluate on the text it was trained on")
-    bs, mask_id, recipe = int(meta['block_size']), int(meta['mask_id']), meta.get('recipe', 'char_diffusion')
-    out = dict(checkpoint=ckpt['path'], step=ckpt.get('step'), corpus=meta['corpus'], block_size=bs,
-               unigram_bpc=unigram_bpc(data.val, data.vocab.size, fit_tokens=data.train))
-    if model.cfg.causal:
-        out.update(kind='ar', **ar_bpc(model, data.val, bs, n_windows, batch_size, stride=stride, mask_id=mask_id))
-    elif recipe == 'char_diffusion':
-        out.update(kind='elbo', seed=seed, **elbo_bpc(model, data.val, mask_id, bs, n_windows, seed, batch_size,
-                                                      n_levels_per_window=n_levels_per_window))
-    elif recipe == 'char_random_replacement':
-        if queue is None: raise DDiffError("a random-replacement checkpoint is evaluated on its validation queue; pass --queue <dataset>/queue")
-        from ddiff.consumer import Consumer
-        n = max_batches or int(meta.get('val_files', 1)) * int(meta.get('batches_per_file', 1))
-        consumer = Consumer(queue, split='val', device='cpu', expect=meta)
-        try: batches = [consumer.next_batch() for _ in range(n)]
-        finally:
-            if hasattr(consumer, 'close'): consumer.close()
-        out.update(kind='rr', **rr_metrics(model, batches, meta))
-    else: raise DDiffError(f"checkpoint recipe {recipe!r} is unknown; allowed: char_diffusion, char_random_replacement")
+    recipe = get_recipe(meta['recipe'])
+    out = dict(checkpoint=ckpt['path'], step=ckpt.get('step'), recipe=recipe.name, corpus=meta['corpus'], block_size=int(meta['block_size']),
+               unigram_bpc=unigram_bpc(data.val, data.vocab.size, fit_tokens=data.train), eval=dataclasses.asdict(ev))
+    out.update(recipe.bpc(model, data, meta, ev))
     return out
 
 def main(argv: list[str] | None = None) -> int:
-    "`ddiff evaluate`: bits per character (ELBO or exact) or denoising metrics of a checkpoint."
+    "`ddiff evaluate <checkpoint or run folder> [eval.key=value ...]`: bits per character of a checkpoint."
     p = argparse.ArgumentParser(prog='ddiff evaluate', description=main.__doc__)
     p.add_argument('checkpoint', help='checkpoint file or run folder')
-    p.add_argument('--n-windows', type=int, default=None, help='validation windows to use (default: all)')
-    p.add_argument('--seed', type=int, default=0, help='seed of the ELBO masking levels')
-    p.add_argument('--levels', type=int, default=1, help='ELBO masking levels per window')
-    p.add_argument('--batch-size', type=int, default=16)
+    p.add_argument('overrides', nargs='*', help='eval.key=value: n_windows, batch_size, seed, n_levels_per_window')
     p.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
-    p.add_argument('--stride', type=int, default=None, help='AR sliding-window stride (default: block_size)')
-    p.add_argument('--queue', default=None, help='validation queue folder (random-replacement checkpoints)')
-    p.add_argument('--max-batches', type=int, default=None, help='random-replacement: validation batches to use')
     p.add_argument('--out', default=None, help='also write the result to this JSON file')
     a = p.parse_args(argv)
-    res = evaluate_checkpoint(a.checkpoint, a.n_windows, a.seed, a.levels, a.batch_size, a.device, a.stride, a.queue, a.max_batches)
+    if a.out:
+        from pathlib import Path
+        from ddiff.core import check_writable
+        check_writable(Path(a.out).expanduser().resolve().parent, '--out')
+    res = evaluate_checkpoint(a.checkpoint, a.overrides, a.device)
     if a.out: atomic_write_json(a.out, res)
     print(json.dumps(res, indent=2, sort_keys=True))
+    se = f" ± {res['stderr']:.3f}" if res.get('stderr') == res.get('stderr') and 'stderr' in res else ''
+    print(f"{res['recipe']}: {res['bpc']:.3f}{se} bits/char ({res['kind']}; unigram {res['unigram_bpc']:.3f})", file=sys.stderr)
+    if res.get('caveat'): print(f"note: {res['caveat']}", file=sys.stderr)
     return 0

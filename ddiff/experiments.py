@@ -4,9 +4,9 @@
 
 # %% ../nbs/18_experiments.ipynb #c002
 from __future__ import annotations
-import concurrent.futures as cf, copy, csv, dataclasses, itertools, json, os, platform, subprocess, sys, time, traceback
+import concurrent.futures as cf, contextlib, copy, csv, dataclasses, itertools, json, os, platform, subprocess, sys, threading, time, traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -14,10 +14,12 @@ from .core import (ConfigError, DDiffError, apply_overrides, atomic_write_json, 
                         check_positive, dataclass_from_dict, load_yaml, outputs_root, project_root)
 
 # %% auto #0
-__all__ = ['EXPERIMENT_KINDS', 'SECTIONS', 'ExperimentConfig', 'section_validators', 'validate_sample_section', 'validate_config',
-           'load_experiment_config', 'allowed_keys', 'git_commit', 'provenance', 'experiments_dir', 'run_dir_for',
-           'is_complete', 'mark_complete', 'execute_notebook', 'run_experiment', 'write_report', 'SweepConfig',
-           'expand_sweep', 'run_sweep', 'write_table', 'plot_sweep', 'run_main', 'sweep_main']
+__all__ = ['EXPERIMENT_KINDS', 'SECTIONS', 'FINISHED', 'SECONDS_PER_TOKEN_PARAM', 'UNITS', 'BOOKKEEPING', 'ExperimentConfig',
+           'validate_config', 'load_experiment_config', 'merge_sections', 'git_commit', 'provenance', 'experiments_dir',
+           'run_dir_for', 'run_status', 'is_complete', 'training_status', 'truncation_note', 'mark_finished',
+           'progress_line', 'watch_training', 'estimate_minutes', 'describe_plan', 'kernel_config', 'execute_notebook',
+           'run_experiment', 'metric_unit', 'metric_source', 'status_line', 'figure_caption', 'write_report',
+           'SweepConfig', 'expand_sweep', 'run_sweep', 'write_table', 'plot_sweep', 'run_main', 'sweep_main']
 
 # %% ../nbs/18_experiments.ipynb #c005
 EXPERIMENT_KINDS: dict[str, list[str]] = {
@@ -48,62 +50,39 @@ class ExperimentConfig:
 SECTIONS = ('experiment', 'data', 'model', 'train', 'eval', 'sample')
 
 # %% ../nbs/18_experiments.ipynb #c006
-def section_validators() -> dict[str, Any]:
-    "The dataclass that validates each config section (imported lazily: they live in later notebooks)."
-    from ddiff.providers import DataConfig
-    from ddiff.model import ModelConfig
-    from ddiff.train import TrainConfig
-    out = {'experiment': ExperimentConfig, 'data': DataConfig, 'model': ModelConfig, 'train': TrainConfig}
-    try:
-        from ddiff.evaluate import EvalConfig; out['eval'] = EvalConfig
-    except ImportError: pass
-    return out
-
-def validate_sample_section(sample: dict) -> None:
-    "Check `sample:` keys against the command keys and the knobs of both samplers (the recipe picks one later)."
-    from ddiff.sample import CLI_KEYS, SAMPLERS
-    owners = {f.name: cls for cls, _ in SAMPLERS.values() for f in dataclasses.fields(cls)}
-    for k, v in sample.items():
-        if k in CLI_KEYS: continue
-        if k not in owners: raise ConfigError(f"unknown config key 'sample.{k}'; allowed: {', '.join(sorted({*CLI_KEYS, *owners}))}")
-        dataclass_from_dict(owners[k], {k: v}, 'sample')
-
-def validate_config(cfg: dict, validators: dict | None = None) -> dict:
-    "Check every section of `cfg` against its dataclass; raise one line naming the first bad key."
-    real = validators is None  # the real validators also check the `sample` section against the samplers
-    validators = section_validators() if real else validators
-    for sec in cfg:
-        if sec not in SECTIONS: raise ConfigError(f"unknown config section {sec!r}; allowed: {', '.join(SECTIONS)}")
-        if cfg[sec] is not None and not isinstance(cfg[sec], dict):
-            raise ConfigError(f"config section {sec!r} must be a mapping of keys, got {type(cfg[sec]).__name__}")
-        if sec in validators:
-            obj = dataclass_from_dict(validators[sec], cfg[sec] or {}, sec)
-            if hasattr(obj, 'validate'): obj.validate()
-        elif sec == 'sample' and real: validate_sample_section(cfg[sec] or {})
+def validate_config(cfg: dict) -> dict:
+    "Check every section of `cfg` with the one config loader (`ddiff.config.load_config`); return `cfg` unchanged."
+    from ddiff.config import load_config
+    load_config(cfg)
     return cfg
 
 def load_experiment_config(path: str | os.PathLike | dict, overrides: list[str] = ()) -> dict:
-    "Read an experiment YAML (or take a dict), apply `section.key=value` overrides and fill `experiment.name`."
+    "Read an experiment YAML (or take a dict), apply `section.key=value` overrides, validate, and fill `experiment.name`."
+    from ddiff.config import apply_section_overrides
     cfg = copy.deepcopy(path) if isinstance(path, dict) else load_yaml(path)
-    cfg = apply_overrides(cfg, overrides, allowed=allowed_keys(cfg))
+    cfg = validate_config(apply_section_overrides(cfg, overrides))
     exp = cfg.setdefault('experiment', {}) or {}
     cfg['experiment'] = exp
     if not exp.get('name'): exp['name'] = Path(path).stem if not isinstance(path, dict) else 'run'
     return cfg
 
-def _known_sections() -> dict:
-    "Every section's dataclass, or just the experiment section when the pipeline modules are missing."
-    try: return section_validators()
-    except ImportError: return {'experiment': ExperimentConfig}
-
-def allowed_keys(cfg: dict) -> dict:
-    "Section → allowed keys for overrides: the dataclass fields, and for `sample` both samplers' knobs."
-    out = {sec: {**{f.name: None for f in dataclasses.fields(cls)}, **(cfg.get(sec) or {})} for sec, cls in _known_sections().items()}
-    try:
-        from ddiff.sample import CLI_KEYS, SAMPLERS
-        out['sample'] = {**CLI_KEYS, **{f.name: None for cls, _ in SAMPLERS.values() for f in dataclasses.fields(cls)}, **(cfg.get('sample') or {})}
-    except ImportError: pass
-    return out
+# %% ../nbs/18_experiments.ipynb #c025
+def merge_sections(base: str | os.PathLike | dict,  # config the sections are merged over: a YAML path ('' → none) or a dict
+                   sections: dict,                   # section name → dict of keys (a notebook's parameters)
+                  ) -> dict:
+    "A validated config: each dict of `sections` merged key by key over the same section of `base`."
+    if isinstance(base, dict): cfg = copy.deepcopy(base)
+    elif base:
+        p = Path(base)
+        if not p.is_absolute() and not p.exists() and (project_root() / p).exists(): p = project_root() / p
+        cfg = load_yaml(p)
+    else: cfg = {}
+    for sec, given in sections.items():
+        if given is None: continue
+        if not isinstance(given, dict):
+            raise ConfigError(f"parameter {sec!r} = {given!r} must be a mapping of keys, e.g. -y \"{sec}: {{key: value}}\"")
+        cfg[sec] = {**(cfg.get(sec) or {}), **given}
+    return validate_config(cfg)
 
 # %% ../nbs/18_experiments.ipynb #c009
 def git_commit(root: Path | None = None) -> str:
@@ -132,27 +111,156 @@ def run_dir_for(cfg: dict) -> Path:
     exp = cfg['experiment']
     return outputs_root() / (exp.get('group') or exp.get('kind', 'quickstart')) / exp['name']
 
-def is_complete(run_dir: Path) -> bool:
-    "Whether `run_dir` holds the metrics of a finished run."
-    m = Path(run_dir) / 'metrics.json'
-    try: return json.loads(m.read_text()).get('status') == 'complete'
-    except (OSError, ValueError): return False
+FINISHED = ('complete', 'truncated')  # statuses of a run whose notebooks all ran
 
-def mark_complete(run_dir: Path) -> Path:
-    "Record in metrics.json that every notebook of the run finished."
+def run_status(run_dir: Path) -> str | None:
+    "The `status` in run_dir/metrics.json ('running', 'complete', 'truncated'), or None."
+    try: return json.loads((Path(run_dir) / 'metrics.json').read_text()).get('status')
+    except (OSError, ValueError, AttributeError): return None
+
+def is_complete(run_dir: Path) -> bool:
+    "Whether `run_dir` holds a run that finished all its planned steps."
+    return run_status(run_dir) == 'complete'
+
+def training_status(metrics: dict) -> str:
+    "'truncated' when training stopped before its planned steps (a time cap), else 'complete'."
+    planned, done = metrics.get('planned_steps'), metrics.get('steps')
+    short = metrics.get('stopped', 'max_steps') != 'max_steps' or (planned is not None and done is not None and done < planned)
+    return 'truncated' if short else 'complete'
+
+def truncation_note(metrics: dict) -> str:
+    "One line saying that (and why) training stopped before its planned steps; '' for a complete run."
+    if training_status(metrics) == 'complete': return ''
+    cap = f" by the time cap train.max_minutes={metrics.get('max_minutes')}" if metrics.get('stopped') == 'max_minutes' else ''
+    return (f"TRUNCATED: training stopped{cap} after {metrics.get('steps')} of {metrics.get('planned_steps')} planned steps; "
+            "its figures are those of a shorter run and not reproducible (raise train.max_minutes or lower train.max_steps)")
+
+def mark_finished(run_dir: Path) -> str:
+    "Record in metrics.json that every notebook ran: status 'complete', or 'truncated'; return the status."
     path = Path(run_dir) / 'metrics.json'
     metrics = json.loads(path.read_text()) if path.exists() else {}
-    return atomic_write_json(path, {**metrics, 'status': 'complete'})
+    status = training_status(metrics)
+    atomic_write_json(path, {**metrics, 'status': status})
+    return status
+
+# %% ../nbs/18_experiments.ipynb #c029
+def _clock(s: float) -> str:
+    "Seconds as m:ss."
+    s = max(0, int(round(s)))
+    return f'{s // 60}:{s % 60:02d}'
+
+def progress_line(row: dict,                      # a metrics.jsonl row (split 'train' or 'val')
+                  max_steps: int,                 # planned steps
+                  max_minutes: float | None = None, # the time cap, if any
+                 ) -> str:
+    "One terminal line from a trainer metrics row: step, loss, elapsed time and time left."
+    step, el = int(row['step']), float(row.get('elapsed_s', 0.0))
+    parts = [f'step {step}/{max_steps}']
+    for k, name in (('train/loss_all', 'loss'), ('val/loss_all', 'val loss')):
+        if k in row: parts.append(f'{name} {row[k]:.3f} nats/char')
+    parts.append(f'{_clock(el)} elapsed')
+    left = el / max(step, 1) * (max_steps - step)
+    if max_minutes and el + left > 60 * max_minutes:
+        parts.append(f'~{_clock(60 * max_minutes - el)} left: the train.max_minutes={max_minutes} cap will stop it near step {int(60 * max_minutes / max(el, 1e-9) * step)}')
+    elif step < max_steps: parts.append(f'~{_clock(left)} left')
+    return ' · '.join(parts)
+
+@contextlib.contextmanager
+def watch_training(metrics_path: str | os.PathLike,  # the trainer's metrics.jsonl
+                   max_steps: int,                   # planned steps
+                   max_minutes: float | None = None, # the time cap, if any
+                   every_s: float = 15.0,            # at most one train line per this many seconds
+                   label: str = 'train',             # prefix of each line
+                   out: Callable[[str], Any] | None = None, # where lines go (default: print)
+                  ):
+    "While the block runs, print progress lines from `metrics_path` (every evaluation, and a train row every `every_s` s)."
+    out = out or (lambda s: print(s, flush=True))
+    path, stop, t0 = Path(metrics_path), threading.Event(), time.time()
+    def follow():
+        pos, last = 0, 0.0
+        while True:
+            finished = stop.wait(0.5)
+            try:
+                if path.stat().st_mtime >= t0 - 1:  # older files belong to an earlier run in the same folder
+                    with open(path, 'rb') as f:
+                        if f.seek(0, 2) < pos: pos = 0  # the trainer started the file afresh
+                        f.seek(pos); chunk = f.read()
+                    chunk = chunk[:chunk.rfind(b'\n') + 1]; pos += len(chunk)  # whole lines only
+                    for line in chunk.decode('utf-8', 'replace').splitlines():
+                        try: row = json.loads(line)
+                        except ValueError: continue
+                        if row.get('split') == 'val' or (row.get('split') == 'train' and time.time() - last >= every_s):
+                            out(f'{label}: ' + progress_line(row, max_steps, max_minutes)); last = time.time()
+            except OSError: pass
+            if finished: return
+    t = threading.Thread(target=follow, daemon=True, name='ddiff-watch-training')
+    t.start()
+    try: yield
+    finally: stop.set(); t.join()
+
+# %% ../nbs/18_experiments.ipynb #c032
+SECONDS_PER_TOKEN_PARAM = 1e-10  # measured: the quickstart's 1,000 steps (4,096 tokens each, 0.8 M parameters) took 321 s of CPU time
+
+def _approx_params(model: dict) -> int:
+    "Parameters of a ddiff Transformer, roughly: 12·n_layer·n_embd² (the vocabulary is small)."
+    from ddiff.model import ModelConfig
+    mc = dataclass_from_dict(ModelConfig, model or {}, 'model')
+    return 12 * mc.n_layer * mc.n_embd ** 2
+
+def estimate_minutes(cfg: dict) -> float:
+    "Rough minutes of an experiment on 2 CPU cores: training, the judge, and ~30 s of start-up and sampling."
+    from ddiff.providers import DataConfig
+    from ddiff.train import TrainConfig
+    dc = dataclass_from_dict(DataConfig, cfg.get('data') or {}, 'data')
+    tc = dataclass_from_dict(TrainConfig, cfg.get('train') or {}, 'train')
+    kind = (cfg.get('experiment') or {}).get('kind', 'quickstart')
+    step_s = SECONDS_PER_TOKEN_PARAM * tc.grad_accum * dc.batch_size * dc.block_size * _approx_params(cfg.get('model'))
+    steps = tc.max_steps if 'train_evaluate' in EXPERIMENT_KINDS[kind] else 0
+    if 'sample_score' in EXPERIMENT_KINDS[kind] and not (cfg.get('experiment') or {}).get('judge'):
+        steps += int((cfg.get('experiment') or {}).get('judge_steps') or 0)
+    return (steps * step_s + 30) / 60
+
+def describe_plan(cfg: dict, run_dir: Path) -> str:
+    "What `ddiff run` is about to do, in a few lines, with a rough duration."
+    exp, d, t = cfg['experiment'], cfg.get('data') or {}, cfg.get('train') or {}
+    kind = exp.get('kind', 'quickstart')
+    lines = [f"ddiff run {exp['name']} ({kind}) → {_show(run_dir)}"]
+    for i, nb in enumerate(EXPERIMENT_KINDS[kind], 1):
+        if nb == 'train_evaluate':
+            cap = f", time cap {t['max_minutes']} min" if t.get('max_minutes') else ''
+            lines.append(f"  {i}. {nb}: train {d.get('recipe', 'char_diffusion')} (~{_approx_params(cfg.get('model')) / 1e6:.1f} M parameters) "
+                         f"for {t.get('max_steps', 'the default')} steps{cap}, its producer filling the {d.get('dataset', '')!r} queue beside it; then evaluate")
+        if nb == 'sample_score':
+            judge = f"train a {exp['judge_steps']}-step AR judge, " if exp.get('judge_steps') and not exp.get('judge') else ''
+            lines.append(f"  {i}. {nb}: {judge}sample {(cfg.get('sample') or {}).get('num_samples', 'some')} texts, score them")
+    if kind == 'quickstart': lines.append(f'  {len(lines)}. report.md and report.html')
+    lines.append(f'  roughly {estimate_minutes(cfg):.0f} min on an idle 2-core CPU (longer on a busy one); training prints its progress and time left as it goes')
+    return '\n'.join(lines)
+
+def _show(p: str | os.PathLike) -> str:
+    "A path relative to the working folder when it lies below it, else as given."
+    p = Path(p)
+    try: return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError: return str(p)
+
+# %% ../nbs/18_experiments.ipynb #c035
+def kernel_config():
+    "traitlets config for papermill's kernel manager: IPC transport on POSIX (no TCP ports, no unencrypted-TCP warning)."
+    from traitlets.config import Config
+    c = Config()
+    if os.name == 'posix': c.KernelManager.transport = 'ipc'
+    return c
 
 def execute_notebook(name: str, run_dir: Path, parameters: dict, timeout_minutes: float, progress: bool = True) -> Path:
-    "Execute experiment notebook `name` with papermill into `run_dir/<name>.ipynb`."
+    "Execute experiment notebook `name` with papermill into `run_dir/<name>.ipynb`, streaming its output when `progress`."
     import papermill as pm
     src = experiments_dir() / f'{name}.ipynb'
     if not src.exists(): raise DDiffError(f"experiment notebook {str(src)!r} does not exist; allowed: {', '.join(sorted(p.stem for p in experiments_dir().glob('*.ipynb')))}")
     out = Path(run_dir) / f'{name}.ipynb'
+    stream = {'stdout_file': sys.stdout, 'stderr_file': sys.stderr} if progress else {}
     try:
-        pm.execute_notebook(str(src), str(out), parameters=parameters, cwd=str(run_dir), progress_bar=progress,
-                            kernel_name='python3', execution_timeout=int(timeout_minutes * 60))
+        pm.execute_notebook(str(src), str(out), parameters=parameters, cwd=str(run_dir), progress_bar=False,
+                            kernel_name='python3', execution_timeout=int(timeout_minutes * 60), config=kernel_config(), **stream)
     except pm.PapermillExecutionError as e:
         raise DDiffError(f"experiment notebook {name} failed in cell {e.exec_count}: {e.ename}: {str(e.evalue).splitlines()[0] if e.evalue else ''} (see {out})")
     return out
@@ -160,19 +268,30 @@ def execute_notebook(name: str, run_dir: Path, parameters: dict, timeout_minutes
 def run_experiment(config: str | os.PathLike | dict, overrides: list[str] = (), progress: bool = True, force: bool = False) -> Path:
     "Validate `config`, run its notebooks with papermill into outputs/<group>/<name>/, return the run folder."
     cfg = load_experiment_config(config, list(overrides))
-    validate_config(cfg)
     exp = dataclass_from_dict(ExperimentConfig, cfg['experiment'], 'experiment').validate()
+    for k in ('checkpoint', 'judge'):  # the notebooks run in the run folder: paths given relative to here are made absolute
+        if cfg['experiment'].get(k) and Path(cfg['experiment'][k]).exists(): cfg['experiment'][k] = str(Path(cfg['experiment'][k]).resolve())
     run_dir = run_dir_for(cfg)
-    if is_complete(run_dir) and not force: return run_dir
+    status = run_status(run_dir)
+    if status in FINISHED and not force:
+        print(f'skipped: {_show(run_dir)} already holds a {status} run (see its metrics.json); nothing was run. '
+              'Use --force to run it again from scratch.', flush=True)
+        return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / 'error.txt').unlink(missing_ok=True)
+    atomic_write_json(run_dir / 'metrics.json', {'status': 'running'})  # no stale status or figures from an earlier run
     atomic_write_text(run_dir / 'params.yaml', yaml.safe_dump(cfg, sort_keys=False))
     atomic_write_json(run_dir / 'provenance.json', provenance())
-    params = {'run_dir': str(run_dir), **{sec: cfg.get(sec) or {} for sec in SECTIONS}}
+    params = {'run_dir': str(run_dir), 'base': '', **{sec: cfg.get(sec) or {} for sec in SECTIONS}}
+    if progress: print(describe_plan(cfg, run_dir), flush=True)
     try:
-        for nb in EXPERIMENT_KINDS[exp.kind]:
+        nbs = EXPERIMENT_KINDS[exp.kind]
+        for i, nb in enumerate(nbs, 1):
+            t0 = time.time()
+            if progress: print(f'[{i}/{len(nbs)}] {nb} ...', flush=True)
             execute_notebook(nb, run_dir, params, exp.timeout_minutes, progress)
-        mark_complete(run_dir)
+            if progress: print(f'[{i}/{len(nbs)}] {nb} done in {_clock(time.time() - t0)}', flush=True)
+        mark_finished(run_dir)
         if exp.kind == 'quickstart': write_report(run_dir)
     except BaseException as e:
         atomic_write_text(run_dir / 'error.txt', f'{type(e).__name__}: {e}\n')
@@ -184,27 +303,73 @@ def _fmt(v: Any) -> str:
     "A metric value for a table cell."
     return f'{v:.4g}' if isinstance(v, float) else str(v)
 
+UNITS = (('tokens_per_s', 'tokens/s'), ('loss_', 'nats/char'), ('_bits', 'bits/char'), ('bpc', 'bits/char'),
+         ('gen_ppl', 'perplexity per char'), ('unigram_', 'bits'), ('seconds', 's'), ('step_s', 's'),
+         ('acc_', 'fraction'), ('frac_', 'fraction'), ('changed_', 'fraction'), ('distinct_', 'fraction'),
+         ('repetition_rate', 'fraction'), ('share', 'fraction'), ('mean_length', 'chars'), ('model_evals', 'forward passes'),
+         ('/n_', 'count'), ('n_params', 'count'), ('_steps', 'steps'))
+BOOKKEEPING = ('status', 'checkpoint', 'checkpoint_step', 'last_checkpoint', 'last_step', 'final_checkpoint', 'judge',
+               'sample_checkpoint', 'sample_checkpoint_step', 'planned_steps', 'steps', 'stopped', 'max_minutes')
+
+def metric_unit(key: str) -> str:
+    "The unit of a metric, from its name ('' when it has none)."
+    return next((u for pat, u in UNITS if pat in key), '')
+
+def metric_source(key: str, m: dict) -> str:
+    "Which checkpoint (and step) a metric was measured on."
+    if key.startswith('val/'): return f"last.pt, step {m.get('last_step', '?')}"
+    if key.startswith('final/'):
+        return f"{m.get('final_checkpoint', 'best.pt')}, step {m.get('checkpoint_step', '?')}"
+    if key.startswith('sample/'):
+        src = f"samples of {Path(str(m.get('sample_checkpoint', 'best.pt'))).name}, step {m.get('sample_checkpoint_step', '?')}"
+        return src + (f", AR judge ({m.get('judge_steps', '?')} steps)" if key.split('/')[-1] in ('gen_ppl', 'judge_bpc') else '')
+    if key.startswith('timing/') or key in ('train_seconds', 'train_cpu_seconds', 'n_params'): return 'training'
+    return ''
+
+def status_line(m: dict) -> str:
+    "The report's first line: complete (steps done of planned), or the truncation warning."
+    note = truncation_note(m)
+    if note: return f'> **{note}**'
+    return f"**Status: {m.get('status', '?')}** — {m.get('steps', '?')} of {m.get('planned_steps', '?')} planned training steps."
+
+def figure_caption(name: str, m: dict) -> str:
+    "A caption that names the checkpoint, step and unit behind a run's figure."
+    return {'loss_curves': f"Training and validation cross entropy (nats/char) up to step {m.get('last_step', '?')} (last.pt); "
+                           f"the kept checkpoint is {m.get('final_checkpoint', 'best.pt')} at step {m.get('checkpoint_step', '?')}.",
+            'trajectory': f"Sampler trajectory of the samples of {Path(str(m.get('sample_checkpoint', 'best.pt'))).name} "
+                          f"(step {m.get('sample_checkpoint_step', '?')}), round by round."}.get(name, name)
+
+# %% ../nbs/18_experiments.ipynb #c036
 def write_report(run_dir: Path) -> Path:
     "Write report.md and report.html for the run in `run_dir` from its metrics, plots and samples."
     import base64, html
     run_dir = Path(run_dir)
-    metrics = json.loads((run_dir / 'metrics.json').read_text()) if (run_dir / 'metrics.json').exists() else {}
-    prov = json.loads((run_dir / 'provenance.json').read_text()) if (run_dir / 'provenance.json').exists() else {}
+    read = lambda f, default: json.loads((run_dir / f).read_text()) if (run_dir / f).exists() else default
+    m, prov = read('metrics.json', {}), read('provenance.json', {})
     samples = (run_dir / 'samples.txt').read_text(encoding='utf-8') if (run_dir / 'samples.txt').exists() else ''
     plots = sorted(run_dir.glob('*.png'))
-    flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and k != 'status'}
-    md = [f'# ddiff run: {run_dir.name}', '',
-          f"ddiff {prov.get('ddiff_version', '?')} · commit `{prov.get('git_commit', '?')}` · torch {prov.get('torch', '?')}", '',
-          '| metric | value |', '|---|---|', *[f'| {k} | {_fmt(v)} |' for k, v in flat.items()], '']
-    md += [f'![{p.stem}]({p.name})' for p in plots]
-    if samples: md += ['', '## Samples', '', '```', samples.strip()[:4000], '```']
+    rows = [(k, _fmt(v), metric_unit(k), metric_source(k, m)) for k, v in m.items()
+            if isinstance(v, (int, float, str)) and not isinstance(v, bool) and k not in BOOKKEEPING]
+    ck = [f"`{m[k]}` (step {m.get(s, '?')})" for k, s in (('last_checkpoint', 'last_step'), ('checkpoint', 'checkpoint_step')) if m.get(k)]
+    ck += [f"judge `{m['judge']}` ({m.get('judge_steps', '?')} steps)"] if m.get('judge') else []
+    prov_line = f"ddiff {prov.get('ddiff_version', '?')} · commit `{prov.get('git_commit', '?')}` · torch {prov.get('torch', '?')}"
+    md = [f'# ddiff run: {run_dir.name}', '', status_line(m), '', prov_line, '',
+          *([f"Checkpoints (relative to the run folder): {' · '.join(ck)}", ''] if ck else []),
+          '| metric | value | unit | measured on |', '|---|---|---|---|', *[f'| {" | ".join(r)} |' for r in rows], '']
+    for p in plots: md += [f'![{p.stem}]({p.name})', '', f'*{figure_caption(p.stem, m)}*', '']
+    if samples: md += ['## Samples', '', '```', samples.strip()[:4000], '```']
     atomic_write_text(run_dir / 'report.md', '\n'.join(md) + '\n')
-    imgs = ''.join(f'<h3>{html.escape(p.stem)}</h3><img style="max-width:100%" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">' for p in plots)
-    rows = ''.join(f'<tr><td>{html.escape(k)}</td><td>{html.escape(_fmt(v))}</td></tr>' for k, v in flat.items())
-    page = (f'<!doctype html><meta charset="utf-8"><title>ddiff run {html.escape(run_dir.name)}</title>'
-            f'<body style="font-family:sans-serif;max-width:960px;margin:auto"><h1>ddiff run: {html.escape(run_dir.name)}</h1>'
-            f"<p>ddiff {html.escape(str(prov.get('ddiff_version', '?')))} · commit <code>{html.escape(str(prov.get('git_commit', '?')))}</code></p>"
-            f'<table border="1" cellpadding="4">{rows}</table>{imgs}<h2>Samples</h2><pre>{html.escape(samples[:4000])}</pre></body>')
+    e = lambda s: html.escape(str(s))
+    imgs = ''.join(f'<figure><img style="max-width:100%" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
+                   f'<figcaption>{e(figure_caption(p.stem, m))}</figcaption></figure>' for p in plots)
+    table = '<tr><th>metric</th><th>value</th><th>unit</th><th>measured on</th></tr>' + ''.join(
+        '<tr>' + ''.join(f'<td>{e(c)}</td>' for c in r) + '</tr>' for r in rows)
+    head = e(truncation_note(m)) if truncation_note(m) else e(status_line(m).replace('**', ''))
+    page = (f'<!doctype html><meta charset="utf-8"><title>ddiff run {e(run_dir.name)}</title>'
+            f'<body style="font-family:sans-serif;max-width:960px;margin:auto"><h1>ddiff run: {e(run_dir.name)}</h1>'
+            f"<p><strong>{head}</strong></p><p>{e(prov_line.replace('`', ''))}</p>"
+            f"<p>{e(' · '.join(ck).replace('`', ''))}</p><table border=\"1\" cellpadding=\"4\">{table}</table>{imgs}"
+            f'<h2>Samples</h2><pre>{e(samples[:4000])}</pre></body>')
     atomic_write_text(run_dir / 'report.html', page)
     return run_dir / 'report.md'
 
@@ -245,7 +410,7 @@ def _run_one(base: Path, group: str, name: str, overrides: list[str]) -> dict:
     "Run one sweep member as a separate `ddiff run` process; return its row for the results table."
     run_dir = outputs_root() / group / name
     row = {'run': name, 'overrides': ' '.join(overrides)}
-    if is_complete(run_dir): return {**row, 'status': 'skipped (complete)', **_metrics_of(run_dir)}
+    if run_status(run_dir) in FINISHED: return {**row, 'status': f'skipped ({run_status(run_dir)})', **_metrics_of(run_dir)}
     own_queue = [f'data.dataset={group}-{name}'] if 'data' in load_yaml(base) else []  # runs must not share a queue
     cmd = [sys.executable, '-m', 'ddiff.cli', 'run', '--no-progress', str(base), f'experiment.name={name}', f'experiment.group={group}', *own_queue, *overrides]
     t0 = time.time()
@@ -257,7 +422,7 @@ def _run_one(base: Path, group: str, name: str, overrides: list[str]) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / 'error.txt', (res.stderr or '') + '\n')
         return {**row, 'status': 'failed', 'error': err}
-    return {**row, 'status': 'complete', **_metrics_of(run_dir)}
+    return {**row, 'status': run_status(run_dir) or 'complete', **_metrics_of(run_dir)}
 
 def _metrics_of(run_dir: Path) -> dict:
     "The scalar metrics of a finished run."
@@ -300,7 +465,7 @@ def write_table(rows: list[dict], path: Path) -> Path:
 def plot_sweep(rows: list[dict], path: Path, metrics: list[str] = ()) -> Path | None:
     "A bar chart per metric comparing the sweep's runs."
     import matplotlib; import matplotlib.pyplot as plt
-    done = [r for r in rows if r.get('status', '').startswith(('complete', 'skipped'))]
+    done = [r for r in rows if r.get('status', '').startswith(('complete', 'truncated', 'skipped'))]
     names = metrics or sorted({k for r in done for k, v in r.items() if isinstance(v, (int, float)) and k != 'seconds'})
     if not done or not names: return None
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
@@ -317,12 +482,14 @@ def run_main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog='ddiff run', description=run_main.__doc__)
     ap.add_argument('config', help='experiment YAML (e.g. configs/quickstart.yaml)')
     ap.add_argument('overrides', nargs='*', help='section.key=value overrides')
-    ap.add_argument('--force', action='store_true', help='run again even if the run folder is complete')
-    ap.add_argument('--no-progress', action='store_true', help='no progress bars')
+    ap.add_argument('--force', action='store_true', help='run again even if the run folder holds a finished run')
+    ap.add_argument('--no-progress', action='store_true', help='do not print the plan or stream the notebooks\' output')
     a = ap.parse_intermixed_args(argv)
     run_dir = run_experiment(a.config, a.overrides, progress=not a.no_progress, force=a.force)
-    print(f'run complete: {run_dir}')
-    if (run_dir / 'report.md').exists(): print(f'report: {run_dir / "report.md"}')
+    metrics = json.loads((run_dir / 'metrics.json').read_text())
+    print(f"run {metrics.get('status')}: {_show(run_dir)} ({metrics.get('steps', '?')} of {metrics.get('planned_steps', '?')} planned steps)")
+    if (run_dir / 'report.md').exists(): print(f'report: {_show(run_dir / "report.md")}')
+    if truncation_note(metrics): print(truncation_note(metrics), file=sys.stderr)
     return 0
 
 def sweep_main(argv: list[str] | None = None) -> int:

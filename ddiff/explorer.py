@@ -19,14 +19,15 @@ from .masking import stage_mask, run_lengths, runs_per_row, MASKERS, MASKER_PARA
 from .stages import validate_stages
 from .corruption import (validate_mixture, KIND_NONE, KIND_RANDOM, KIND_MASK, KIND_FRAGMENT,
                               DEFAULT_MIXTURE)
-from .providers import DataConfig, make_provider, RECIPES, Provider
+from .providers import DataConfig, make_provider, Provider
+from .recipes import recipe_names, get_recipe
 
 # %% auto #0
 __all__ = ['KIND_NAMES', 'DEFAULT_STAGE', 'KIND_COLOURS', 'KIND_CUES', 'TEXT_COLOUR', 'CLEAN_COLOUR', 'KNOB_HELP',
-           'cached_corpus', 'cached_provider', 'corrupt_with_kinds', 'uses_mixture', 'corrupt_example',
-           'corruption_legend', 'render_corruption_html', 'expected_shares', 'corruption_stats', 'mixture_note',
-           'svg_bars', 'render_stats_svg', 'plot_corruption_stats', 'load_schedule', 'find_schedules', 'stage_label',
-           'render_schedule_html', 'compare_schedules_html', 'stage_yaml', 'Explorer', 'explorer']
+           'cached_corpus', 'corruption_recipes', 'cached_provider', 'corrupt_with_kinds', 'uses_mixture',
+           'corrupt_example', 'corruption_legend', 'render_corruption_html', 'expected_shares', 'corruption_stats',
+           'mixture_note', 'svg_bars', 'render_stats_svg', 'plot_corruption_stats', 'load_schedule', 'find_schedules',
+           'stage_label', 'render_schedule_html', 'compare_schedules_html', 'stage_yaml', 'Explorer', 'explorer']
 
 # %% ../nbs/08_explorer.ipynb #c007
 KIND_NAMES = {KIND_NONE: 'none', KIND_RANDOM: 'random', KIND_MASK: 'mask', KIND_FRAGMENT: 'fragment'}
@@ -37,6 +38,10 @@ def cached_corpus(name: str = 'tinyshakespeare' # registry name or text file pat
                  ) -> CorpusData:
     "`load_corpus(name)`, loaded once per process."
     return load_corpus(name)
+
+def corruption_recipes() -> list[str]:
+    "The registered recipes that corrupt text through a provider (those the explorer can show)."
+    return [n for n in recipe_names() if get_recipe(n).provider is not None]
 
 _PROVIDERS: dict[tuple, Provider] = {}
 
@@ -395,7 +400,7 @@ class _Controls:
         import ipywidgets as W
         sty = {'description_width': '140px'}
         wide = lambda: W.Layout(width='360px')
-        self.w_recipe = W.Dropdown(options=list(RECIPES), value=recipe, description='recipe', style=sty, layout=wide())
+        self.w_recipe = W.Dropdown(options=corruption_recipes(), value=recipe, description='recipe', style=sty, layout=wide())
         self.w_seed = W.IntText(value=seed, description='seed', style=sty, layout=W.Layout(width='230px'))
         self.w_new = W.Button(description='new sample', icon='refresh', tooltip='draw other windows and masks (seed + 1)', layout=W.Layout(width='120px'))
         self.w_schedule = W.Dropdown(options=[_NONE, *self.schedules], value=_NONE, description='schedule', style=sty, layout=wide(),
@@ -524,7 +529,7 @@ class _Schedules:
             self.w_stage.max, self.w_stage.value = n - 1, 0
             for w in (self.w_stage, self.w_prev, self.w_next): w.disabled = self.schedule is None
             d = self.schedule['data'] if self.schedule else {}
-            if d.get('recipe') in RECIPES: self.w_recipe.value = d['recipe']
+            if d.get('recipe') in self.w_recipe.options: self.w_recipe.value = d['recipe']
             for w, v in zip(self.w_mix, d.get('mixture') or ()): w.value = float(v)
             if 'original_token_multiplier' in d: self.w_mult.value = float(d['original_token_multiplier'])
         if self.schedule: self.show_stage(0)

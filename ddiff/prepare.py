@@ -10,41 +10,20 @@ from typing import Iterable
 
 import torch, yaml
 
-from .core import DDiffError, ConfigError, load_yaml, apply_overrides, dataclass_from_dict, project_root
+from .core import (DDiffError, ConfigError, load_yaml, parse_yaml, apply_overrides, dataclass_from_dict, project_root,
+                        check_writable, remove_stale_temp_files)
 from .providers import DataConfig, make_provider, validate_data_config, queue_dir
 
 # %% auto #0
-__all__ = ['SECTIONS', 'load_config', 'data_config', 'run_producer', 'main', 'start_producer_process']
+__all__ = ['data_config', 'run_producer', 'main', 'start_producer_process']
 
 # %% ../nbs/06_prepare.ipynb #c005
-SECTIONS = ('data', 'model', 'train', 'eval', 'sample')
-
-def load_config(config: str | os.PathLike | dict, # YAML path ('-' reads stdin) or an already loaded config dict
-                overrides: Iterable[str] = () # 'section.key=value' strings
-               ) -> dict:
-    "The whole config dict with `overrides` applied; the `data` section may override any `DataConfig` field."
-    if isinstance(config, dict): cfg = copy.deepcopy(config)
-    elif str(config) == '-':
-        cfg = yaml.safe_load(sys.stdin.read()) or {}
-        if not isinstance(cfg, dict): raise ConfigError("the config read from stdin must be a mapping of sections")
-    else: cfg = load_yaml(config)
-    if 'data' in cfg and not isinstance(cfg['data'], dict): raise ConfigError(f"config section 'data' must be a mapping, got {type(cfg['data']).__name__}")
-    overrides = list(overrides)
-    mine = [o for o in overrides if o.split('=', 1)[0].strip().split('.')[0] == 'data']
-    for o in overrides:
-        section = o.split('=', 1)[0].strip().split('.')[0]
-        if section not in SECTIONS and section not in cfg:
-            raise ConfigError(f"unknown config key {o.split('=', 1)[0].strip()!r}; sections: {', '.join(SECTIONS)}")
-    allowed = copy.deepcopy(cfg)
-    allowed['data'] = {**dataclasses.asdict(DataConfig()), **cfg.get('data', {})}
-    return apply_overrides(cfg, mine, allowed)
-
 def data_config(config: str | os.PathLike | dict, # YAML path, '-' or a config dict
                 overrides: Iterable[str] = () # 'section.key=value' strings
                ) -> DataConfig:
-    "The validated `DataConfig` of a config file plus overrides."
-    cfg = load_config(config, overrides)
-    return validate_data_config(dataclass_from_dict(DataConfig, cfg.get('data') or {}, 'data'))
+    "The validated `DataConfig` of a config file plus overrides, read by the one config loader (`ddiff.config`)."
+    from ddiff.config import load_config as load_run_config  # the config notebook comes later
+    return load_run_config(config, overrides).data
 
 # %% ../nbs/06_prepare.ipynb #c008
 def _install_stop_handlers(stop: threading.Event) -> dict:
@@ -55,29 +34,51 @@ def _install_stop_handlers(stop: threading.Event) -> dict:
         old[sig] = signal.signal(sig, lambda signum, frame: stop.set())
     return old
 
+def _prepare_queue(p, notes: bool) -> None:
+    "Remove killed writers' temp files from the queue of provider `p`, then check its meta and write its val files."
+    stale = [f for d in (p.queue, p.split_dir('train'), p.split_dir('val')) for f in remove_stale_temp_files(d)]
+    if stale and notes: print(f'ddiff prepare: removed {len(stale)} temporary file(s) left by killed writers in {p.queue}', file=sys.stderr)
+    p.init_queue()
+    p.write_val_files()
+
+def _backlog_limit(p, cfg: DataConfig, max_files: int | None, notes: bool) -> int:
+    "`cfg.max_backlog`, raised so that `max_files` new files fit beside those already waiting."
+    if max_files is None: return cfg.max_backlog
+    waiting = p.backlog()
+    if waiting + max_files <= cfg.max_backlog: return cfg.max_backlog
+    if notes: print(f'ddiff prepare: writing {max_files} train file(s) without waiting for a consumer ({waiting} already wait); '
+                    f'data.max_backlog={cfg.max_backlog} is raised to {waiting + max_files} for this run', file=sys.stderr)
+    return waiting + max_files
+
 def run_producer(cfg: DataConfig, # the data section
-                 max_files: int | None = None, # stop after this many train files (None: run until stopped)
+                 max_files: int | None = None, # stop after this many train files (None: run until stopped); they are written even beyond max_backlog
                  stop_event: threading.Event | None = None, # set it to stop after the current file
                  progress: bool = True, # show a tqdm progress bar
                  poll: float = 0.05, # seconds between backlog checks while the queue is full
-                 parent_pid: int | None = None # stop once this process is gone (used by `start_producer_process`)
+                 parent_pid: int | None = None, # stop once this process is gone (used by `start_producer_process`)
+                 notes: bool = True, # one-line notes on stderr (stale files removed, waiting for a consumer, raised backlog)
                 ) -> int:
     "Fill the queue of `cfg`: meta, validation files, then train files with backpressure; returns the train files written."
     from tqdm.auto import tqdm
     if max_files is not None and (isinstance(max_files, bool) or not isinstance(max_files, int) or max_files < 0):
         raise ConfigError(f"max_files={max_files!r} is not allowed; use an integer >= 0")
+    check_writable(queue_dir(cfg), 'DDIFF_DATA or data.dataset')
     torch.set_num_threads(cfg.threads)
     stop = stop_event if stop_event is not None else threading.Event()
     old = _install_stop_handlers(stop)
-    written = 0
+    written, waited = 0, False
     try:
         p = make_provider(cfg)
-        p.init_queue()
-        p.write_val_files()
+        _prepare_queue(p, notes)
+        limit = _backlog_limit(p, cfg, max_files, notes)
         with tqdm(total=max_files, disable=not progress, unit='file', desc=f'prepare {p.queue.parent.name}', leave=False) as bar:
             while not stop.is_set() and (max_files is None or written < max_files):
                 if parent_pid is not None and os.getppid() != parent_pid: break  # the parent died: we were re-parented
-                if p.backlog() >= cfg.max_backlog:
+                if (n := p.backlog()) >= limit:
+                    if notes and not waited:
+                        tqdm.write(f"ddiff prepare: {n} train files wait in {p.queue} (data.max_backlog={limit}); waiting for a consumer: "
+                                   f"start 'ddiff train' with this config, or set data.max_backlog=N to keep more files ready", file=sys.stderr)
+                    waited = True
                     stop.wait(poll); continue
                 p.write_file('train', p.claim_seq())
                 written += 1; bar.update(1)
@@ -90,8 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog='ddiff prepare', description='Run a data producer that keeps the file queue of a config filled.')
     ap.add_argument('config', help="experiment YAML file (its data: section is used); '-' reads it from stdin")
     ap.add_argument('overrides', nargs='*', help='overrides such as data.block_size=128 (other sections are ignored)')
-    ap.add_argument('--max-files', type=int, default=None, help='stop after writing this many train files (default: run until stopped)')
-    ap.add_argument('--quiet', action='store_true', help='no progress bar')
+    ap.add_argument('--max-files', type=int, default=None, help='stop after writing this many train files, even beyond data.max_backlog (default: run until stopped)')
+    ap.add_argument('--quiet', action='store_true', help='no progress bar and no notes on stderr (errors are still shown)')
     ap.add_argument('--parent-pid', type=int, default=None, help=argparse.SUPPRESS)
     return ap
 
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     "`ddiff prepare`: run one producer for the config's data section until stopped or --max-files."
     args = _parser().parse_args(argv)
     cfg = data_config(args.config, args.overrides)
-    n = run_producer(cfg, max_files=args.max_files, progress=not args.quiet, parent_pid=args.parent_pid)
+    n = run_producer(cfg, max_files=args.max_files, progress=not args.quiet, parent_pid=args.parent_pid, notes=not args.quiet)
     if not args.quiet: print(f'wrote {n} train file(s) to {queue_dir(cfg)}', file=sys.stderr)
     return 0
 

@@ -17,24 +17,21 @@ from .corpus import load_corpus, window_starts, CorpusData
 from .masking import bert_corrupt, stage_mask
 from .stages import validate_stages, assign_stages, DEFAULT_TRAIN_STAGES, DEFAULT_VAL_STAGES
 from .corruption import candidate_ids, validate_mixture, mixture_corrupt, check_multiplier, where_u8
-from .consumer import queue_file_name, list_queue_files, read_queue_file  # the file format's one reader and naming
+from .consumer import STORED_IGNORE, queue_file_name, list_queue_files, read_queue_file  # the file format's one reader and naming
 
 # %% auto #0
-__all__ = ['FORMAT_VERSION', 'STORED_IGNORE', 'RECIPES', 'SPLITS', 'PROVIDERS', 'DataConfig', 'dataset_name',
-           'validate_data_config', 'queue_dir', 'meta_hash', 'meta_differences', 'check_existing_meta',
-           'safetensors_bytes', 'claim_seq', 'reset_train_split', 'Provider', 'CharDiffusionProvider',
-           'CharRandomReplacementProvider', 'make_provider', 'temporary_data_root']
+__all__ = ['FORMAT_VERSION', 'SPLITS', 'DataConfig', 'dataset_name', 'validate_data_config', 'queue_dir', 'meta_hash',
+           'meta_differences', 'check_existing_meta', 'safetensors_bytes', 'claim_seq', 'reset_train_split', 'Provider',
+           'make_provider', 'temporary_data_root']
 
 # %% ../nbs/05_providers.ipynb #c006
 FORMAT_VERSION = 1   # bump when the file layout changes
-STORED_IGNORE = 255  # uint8 value stored on disk where a position has no target (ignore_index in memory)
-RECIPES = ('char_diffusion', 'char_random_replacement')  # the providers defined below (see PROVIDERS)
 
 @dataclasses.dataclass
 class DataConfig:
     corpus: str = 'tinyshakespeare'       # registry name (see corpus.CORPORA) or path to a text file
     dataset: str = ''                     # queue folder name under data_root(); '' -> '{corpus}-{recipe}'
-    recipe: str = 'char_diffusion'        # 'char_diffusion' or 'char_random_replacement'
+    recipe: str = 'char_diffusion'        # a registered recipe (`ddiff recipes` lists them)
     block_size: int = 256                 # characters per window (the model's context length)
     batch_size: int = 32                  # windows per batch
     batches_per_file: int = 16            # batches per queue file
@@ -50,6 +47,7 @@ class DataConfig:
     ignore_index: int = -100              # target value of positions without a target, in memory
     threads: int = 1                      # torch threads of a producer process
     random_stage_corruption: str = 'bert' # char diffusion, `random` stages: 'bert' (80/10/10) or 'mask' (all [MASK]: the absorbing process of the ELBO)
+    options: dict = dataclasses.field(default_factory=dict)  # the recipe's own settings (checked by the recipe)
 
 # %% ../nbs/05_providers.ipynb #c008
 def dataset_name(cfg: DataConfig) -> str:
@@ -60,7 +58,8 @@ def dataset_name(cfg: DataConfig) -> str:
 
 def validate_data_config(cfg: DataConfig) -> DataConfig:
     "Check `cfg` field by field and return it; raise a one-line `ConfigError` naming the first bad value."
-    if cfg.recipe not in RECIPES: raise ConfigError(f"data.recipe={cfg.recipe!r} is unknown; allowed: {', '.join(RECIPES)}")
+    from ddiff.recipes import get_recipe  # the registry comes later in the notebook order
+    recipe = get_recipe(cfg.recipe)  # one-line error listing the registered recipes
     for k in ('block_size', 'batch_size', 'batches_per_file', 'max_backlog', 'threads'):
         check_positive(f'data.{k}', getattr(cfg, k), integer=True)
     if isinstance(cfg.val_files, bool) or not isinstance(cfg.val_files, int) or cfg.val_files < 0:
@@ -78,6 +77,8 @@ def validate_data_config(cfg: DataConfig) -> DataConfig:
     check_multiplier(cfg.original_token_multiplier)
     validate_stages(DEFAULT_TRAIN_STAGES if cfg.train_stages is None else cfg.train_stages, 'data.train_stages')
     validate_stages(DEFAULT_VAL_STAGES if cfg.val_stages is None else cfg.val_stages, 'data.val_stages')
+    if not isinstance(cfg.options, dict): raise ConfigError(f"data.options={cfg.options!r} is not allowed; use a mapping of the recipe's settings")
+    recipe.options(cfg)
     return cfg
 
 # %% ../nbs/05_providers.ipynb #c011
@@ -148,10 +149,10 @@ def claim_seq(folder: Path) -> int:
 
 # %% ../nbs/05_providers.ipynb #c017
 def reset_train_split(queue: Path) -> int:
-    "Delete the train files and sequence counter under `queue` (files are regenerable); return how many files went."
+    "Delete the train files (waiting and consumed) and the sequence counter under `queue`; return how many files went."
     folder = Path(queue) / 'train'
-    files = list_queue_files(folder, 'train')
-    for p in files.values(): p.unlink(missing_ok=True)
+    files = [*list_queue_files(folder, 'train').values(), *list_queue_files(folder / 'consumed', 'train').values()]
+    for p in files: p.unlink(missing_ok=True)
     (folder / '.seq').unlink(missing_ok=True)
     return len(files)
 
@@ -195,17 +196,24 @@ class Provider:
 
     def build_meta(self) -> dict:
         "The queue's human-readable description: everything that determines the bytes of its files."
-        c, rr = self.cfg, self.recipe == 'char_random_replacement'
+        c = self.cfg
         return dict(format_version=FORMAT_VERSION, recipe=self.recipe, corpus=c.corpus, corpus_sha256=self.data.sha256,
                     vocab=self.vocab.to_dict(), vocab_size=self.vocab.size, mask_id=self.mask_id,
                     ignore_index=c.ignore_index, stored_ignore=STORED_IGNORE, block_size=c.block_size,
                     batch_size=c.batch_size, batches_per_file=c.batches_per_file, seed=c.seed,
                     train_stages=self.stages['train'], val_stages=self.stages['val'],
-                    mixture=list(validate_mixture(list(c.mixture))) if rr else None,  # recipe-specific keys are null otherwise
-                    original_token_multiplier=float(c.original_token_multiplier) if rr else None,
-                    extra_special_ids=self.extra_special_ids, partial_targets=c.partial_targets if rr else None,
-                    token_dtype='uint8', val_files=c.val_files,
-                    random_stage_corruption=None if rr else c.random_stage_corruption)
+                    extra_special_ids=self.extra_special_ids, token_dtype='uint8', val_files=c.val_files,
+                    newlines_normalized=bool(getattr(self.data, 'newlines_normalized', False)),  # CRLF / CR text became \n
+                    options=dict(c.options or {}), fields=self.fields(), **self.recipe_meta())
+
+    def recipe_meta(self) -> dict:
+        "Recipe hook: the recipe's own settings that change the files (added to the meta)."
+        return {}
+
+    def fields(self) -> dict[str, dict]:
+        "Recipe hook: the named tensors of one batch, {name: {dtype, shape, ignore}} (default: x and y, uint8 (B, T))."
+        B, T = self.cfg.batch_size, self.cfg.block_size
+        return {'x': {'dtype': 'uint8', 'shape': [B, T], 'ignore': False}, 'y': {'dtype': 'uint8', 'shape': [B, T], 'ignore': True}}
 
     # --- random streams and windows -------------------------------------------------------------
     def make_generator(self, seed: int, split: str, seq: int) -> torch.Generator:
@@ -227,12 +235,12 @@ class Provider:
             if len(rows): mask[rows] = stage_mask(st, len(rows) * B, T, g).view(len(rows), B, T)
         return mask.view(N * B, T)
 
-    def corrupt(self, x0: torch.Tensor, mask: torch.Tensor, row_stage: torch.Tensor, split: str, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        "Recipe hook: clean rows x0 uint8 (R, T), mask bool (R, T), stage per row (R,) -> (x uint8, y uint8 with STORED_IGNORE)."
+    def corrupt(self, x0: torch.Tensor, mask: torch.Tensor, row_stage: torch.Tensor, split: str, g: torch.Generator) -> tuple | dict:
+        "Recipe hook: clean rows x0 uint8 (R, T), mask bool (R, T), stage per row (R,) -> (x, y) uint8, or a dict of every field (R, ...)."
         raise NotImplementedError
 
     def make_file(self, split: str, seq: int) -> dict[str, torch.Tensor]:
-        "The tensors of file `seq` of `split`: x, y uint8 (N, B, T) and stage int64 (N,)."
+        "The tensors of file `seq` of `split`: each field (N, B, ...) — x, y uint8 (N, B, T) by default — and stage int64 (N,)."
         if split not in SPLITS: raise DDiffError(f"split={split!r} is unknown; allowed: {', '.join(SPLITS)}")
         c = self.cfg
         N, B, T = c.batches_per_file, c.batch_size, c.block_size
@@ -240,8 +248,9 @@ class Provider:
         stage = assign_stages(self.stages[split], N, g).long()  # (N,)
         x0 = self.sample_rows(split, N * B, g)  # (N*B, T)
         mask = self.stage_masks(split, stage, B, g)  # (N*B, T)
-        x, y = self.corrupt(x0, mask, stage.repeat_interleave(B), split, g)
-        return {'x': x.view(N, B, T), 'y': y.view(N, B, T), 'stage': stage}
+        out = self.corrupt(x0, mask, stage.repeat_interleave(B), split, g)
+        out = dict(zip(('x', 'y'), out)) if isinstance(out, tuple) else out
+        return {**{k: v.reshape(N, B, *v.shape[1:]) for k, v in out.items()}, 'stage': stage}
 
     # --- files ---------------------------------------------------------------------------------
     def split_dir(self, split: str) -> Path:
@@ -282,48 +291,15 @@ class Provider:
         "The next free train sequence number (shared by all producers of this queue)."
         return claim_seq(self.split_dir('train'))
 
-# %% ../nbs/05_providers.ipynb #c022
-class CharDiffusionProvider(Provider):
-    "Masked diffusion: `[MASK]` (BERT 80/10/10 in random stages) at masked positions; targets only there."
-    recipe = 'char_diffusion'
-    def corrupt(self, x0, mask, row_stage, split, g):
-        x = where_u8(mask, torch.tensor(self.mask_id, dtype=torch.uint8), x0)  # (R, T)
-        bert = [s for s, st in enumerate(self.stages[split]) if st['type'] == 'random' and self.cfg.random_stage_corruption == 'bert']
-        if bert:
-            rows = torch.isin(row_stage, torch.tensor(bert)).nonzero().flatten()  # rows of random stages
-            if len(rows): x[rows] = bert_corrupt(x0[rows], mask[rows], self.mask_id, self.candidates, g).to(torch.uint8)
-        y = where_u8(mask, x0, torch.tensor(STORED_IGNORE, dtype=torch.uint8))  # (R, T)
-        return x, y
-
-# %% ../nbs/05_providers.ipynb #c024
-class CharRandomReplacementProvider(Provider):
-    "Random replacement: masked positions get random characters / [MASK] / train fragments; full targets by default."
-    recipe = 'char_random_replacement'
-    def corrupt_with_kinds(self, x0, mask, split, g):
-        "Corrupted ids (R, T) and the corruption kind (KIND_*) of every position, as this recipe fills masked positions."
-        c = self.cfg
-        mixture = validate_mixture(list(c.mixture)) if split == 'train' else (1.0, 0.0, 0.0)
-        fragments = self.sample_rows('train', len(x0), g) if split == 'train' and mixture[2] > 0 else None  # (R, T)
-        return mixture_corrupt(x0, mask, mixture, self.candidates, c.original_token_multiplier, self.mask_id, g, fragments)
-
-    def corrupt(self, x0, mask, row_stage, split, g):
-        c = self.cfg
-        x, _ = self.corrupt_with_kinds(x0, mask, split, g)
-        y = where_u8(mask, x0, torch.tensor(STORED_IGNORE, dtype=torch.uint8)) if c.partial_targets else x0  # (R, T)
-        return x, y
-
 # %% ../nbs/05_providers.ipynb #c025
-PROVIDERS: dict[str, type[Provider]] = {'char_diffusion': CharDiffusionProvider,
-                                        'char_random_replacement': CharRandomReplacementProvider}
-assert tuple(PROVIDERS) == RECIPES
-
 def make_provider(cfg: DataConfig | dict, # a DataConfig or the `data:` section as a dict
                   corpus: CorpusData | None = None # an already loaded corpus, to skip reloading it
                  ) -> Provider:
-    "The provider of `cfg.recipe`."
+    "The provider of `cfg.recipe` (found in the recipe registry)."
+    from ddiff.recipes import get_recipe
     if isinstance(cfg, dict): cfg = dataclass_from_dict(DataConfig, cfg, 'data')
     validate_data_config(cfg)
-    return PROVIDERS[cfg.recipe](cfg, corpus)
+    return get_recipe(cfg.recipe).make_provider(cfg, corpus)
 
 # %% ../nbs/05_providers.ipynb #c027
 @contextlib.contextmanager

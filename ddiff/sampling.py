@@ -14,24 +14,25 @@ import torch.nn.functional as F
 from .core import DDiffError, ConfigError, make_generator
 
 # %% auto #0
-__all__ = ['SAMPLER_RECIPES', 'SCHEDULES', 'KINDS', 'K', 'HTML_STYLE', 'ANSI', 'ANSI_RESET', 'CLEAR_LINE', 'check_recipe',
+__all__ = ['SAMPLER_NAMES', 'SCHEDULES', 'KINDS', 'K', 'HTML_STYLE', 'ANSI', 'ANSI_RESET', 'CLEAR_LINE', 'check_recipe',
            'resolve_prompt', 'encode_text', 'decode_ids', 'check_schedule', 'schedule_value', 'progress',
            'row_generators', 'row_uniform', 'allowed_ids', 'check_temperature', 'draw_tokens', 'ForwardLog',
            'active_logits', 'Trajectory', 'render_html', 'ansi_line', 'LiveView', 'plot_trajectory']
 
 # %% ../nbs/13a_sampling.ipynb #c005
-SAMPLER_RECIPES = {'edit': 'char_random_replacement', 'unmask': 'char_diffusion'}
+SAMPLER_NAMES = ('edit', 'unmask')  # the samplers of ddiff.sample_edit and ddiff.sample_unmask
 
 def check_recipe(recipe: str | None, # the checkpoint's `data_meta['recipe']`
                  sampler: str,       # 'edit' or 'unmask'
                 ) -> None:
     "Raise a one-line `DDiffError` unless a model trained with `recipe` suits `sampler`."
-    if sampler not in SAMPLER_RECIPES:
-        raise DDiffError(f"sampler={sampler!r} is unknown; use one of {', '.join(SAMPLER_RECIPES)}")
-    if recipe != SAMPLER_RECIPES[sampler]:
-        fits = [s for s, r in SAMPLER_RECIPES.items() if r == recipe]
-        hint = f"use sampler={fits[0]}" if fits else f"train with recipe {SAMPLER_RECIPES[sampler]!r}"
-        raise DDiffError(f"checkpoint recipe {recipe!r} does not suit sampler={sampler!r} (needs {SAMPLER_RECIPES[sampler]!r}); {hint}")
+    from ddiff.recipes import get_recipe
+    if sampler not in SAMPLER_NAMES:
+        raise DDiffError(f"sampler={sampler!r} is unknown; use one of {', '.join(SAMPLER_NAMES)}")
+    fits = get_recipe(str(recipe)).samplers
+    if sampler not in fits:
+        hint = f"use sampler={fits[0]}" if fits else "this recipe has no sampler"
+        raise DDiffError(f"checkpoint recipe {recipe!r} does not suit sampler={sampler!r}; {hint}")
 
 # %% ../nbs/13a_sampling.ipynb #c008
 def resolve_prompt(prompt: str | None) -> str:

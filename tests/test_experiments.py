@@ -36,22 +36,63 @@ def tiny_quickstart(tmp_path):
 
 @pytest.mark.slow
 def test_run_twice_same_metrics(env, tiny_quickstart, tmp_path):
-    ddiff('run', '--no-progress', str(tiny_quickstart), *TINY, env=env)
+    res = ddiff('run', str(tiny_quickstart), *TINY, env=env)  # with progress: the plan and the training lines stream out
+    out = res.stdout
+    assert 'roughly' in out and '[1/2] train_evaluate' in out and 'train: step 15/30' in out and 'judge: step 10/10' in out, out[-3000:]
+    assert 'without encryption' not in res.stderr, res.stderr[-2000:]  # the kernel talks over IPC, not TCP
     run = tmp_path / 'outputs' / 'quickstart' / 'quickstart'
     for f in ('train_evaluate.ipynb', 'sample_score.ipynb', 'metrics.json', 'params.yaml', 'provenance.json',
               'report.md', 'report.html', 'samples.txt', 'loss_curves.png', 'trajectory.png'):
         assert (run / f).exists(), f
     m1 = json.loads((run / 'metrics.json').read_text())
-    assert m1['status'] == 'complete' and m1['steps'] == 30 and Path(m1['checkpoint']).exists()
-    assert 'sample/distinct_2' in m1 and 'final/ce_corrupted_bits' in m1
+    assert m1['status'] == 'complete' and m1['steps'] == m1['planned_steps'] == 30 and m1['stopped'] == 'max_steps'
+    assert (run / m1['checkpoint']).exists() and (run / m1['last_checkpoint']).exists() and (run / m1['judge']).exists()
+    assert 'sample/distinct_2' in m1 and 'final/bpc' in m1
     assert yaml.safe_load((run / 'params.yaml').read_text())['train']['max_steps'] == 30
     assert json.loads((run / 'provenance.json').read_text())['git_commit'] != ''
-    # a complete run is skipped; --force runs it again from scratch (fresh queue) and must give the same numbers
+    # the report names checkpoint, step and unit of each figure, and no path of this machine
+    report = (run / 'report.md').read_text()
+    assert '| val/loss_all |' in report and '| nats/char | last.pt, step 30 |' in report, report
+    assert f"| bits/char | {m1['final_checkpoint']}, step {m1['checkpoint_step']} |" in report, report
+    for f in ('report.md', 'report.html', 'metrics.json', 'params.yaml'):
+        assert str(tmp_path) not in (run / f).read_text(), f
+    # a finished run is skipped, and says so
+    res = ddiff('run', str(tiny_quickstart), *TINY, env=env)
+    assert 'skipped' in res.stdout and '--force' in res.stdout and 'train_evaluate' not in res.stdout, res.stdout
+    # --force runs it again from scratch (fresh queue) and must give the same numbers
     ddiff('run', '--no-progress', '--force', str(tiny_quickstart), *TINY, 'experiment.name=again', env=env)
     m2 = json.loads((tmp_path / 'outputs/quickstart/again/metrics.json').read_text())
     timing = ('seconds', 'timing/', 'checkpoint', 'judge')
     same = lambda m: {k: v for k, v in m.items() if not any(t in k for t in timing)}
     assert same(m1) == same(m2)
+
+@pytest.mark.slow
+def test_time_cap_truncation_is_reported(env, tiny_quickstart, tmp_path):
+    "A run stopped by train.max_minutes says so in the terminal, metrics.json and the report, and is not 'complete'."
+    res = ddiff('run', str(tiny_quickstart), *TINY, 'train.max_steps=100000', 'train.max_minutes=0.05', 'experiment.judge_steps=0', env=env)
+    run = tmp_path / 'outputs' / 'quickstart' / 'quickstart'
+    m = json.loads((run / 'metrics.json').read_text())
+    assert m['status'] == 'truncated' and m['stopped'] == 'max_minutes' and m['steps'] < m['planned_steps'] == 100000, m
+    assert 'TRUNCATED' in res.stderr and 'train.max_minutes=0.05' in res.stderr and f"{m['steps']} of 100000" in res.stderr, res.stderr[-2000:]
+    assert 'run truncated' in res.stdout
+    assert 'TRUNCATED' in (run / 'report.md').read_text() and 'TRUNCATED' in (run / 'report.html').read_text()
+    res = ddiff('run', str(tiny_quickstart), *TINY, 'train.max_steps=100000', 'train.max_minutes=0.05', 'experiment.judge_steps=0', env=env)
+    assert 'skipped' in res.stdout and 'truncated run' in res.stdout, res.stdout
+
+@pytest.mark.slow
+def test_papermill_overrides_merge_key_by_key(env, tmp_path):
+    "`-y 'train: {max_steps: 6}'` changes one key of the base config's train section and keeps the others."
+    out = tmp_path / 'try'
+    res = subprocess.run([sys.executable, '-m', 'papermill', 'nbs/experiments/train_evaluate.ipynb', str(tmp_path / 'out.ipynb'),
+                          '-p', 'run_dir', str(out), '-y', 'train: {max_steps: 6}', '--no-progress-bar'],
+                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    base = yaml.safe_load((ROOT / 'configs/tiny_rr.yaml').read_text())['train']
+    used = json.loads((out / 'train' / 'config.json').read_text())['train']
+    assert used['max_steps'] == 6
+    for k in ('warmup_steps', 'eval_interval', 'eval_batches', 'lr', 'log_interval'): assert used[k] == base[k], k
+    m = json.loads((out / 'metrics.json').read_text())
+    assert m['steps'] == 6 and (out / m['checkpoint']).exists() and not Path(m['checkpoint']).is_absolute()
 
 @pytest.mark.slow
 def test_bad_parameters_one_line(env, tiny_quickstart, tmp_path):

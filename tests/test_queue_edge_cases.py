@@ -29,11 +29,11 @@ def make_queue(root: Path, train=range(3), val=False, meta=META) -> Path:
     for s in (range(meta['val_files']) if val else ()): write_test_file(q, 'val', s, meta)
     return q
 
-def seq_of(x: torch.Tensor) -> int:
-    "The file seq a test batch came from (write_test_file puts it in column 0)."
-    return int(x[0, 0])
+def seq_of(b: dict) -> int:
+    "The file seq a test batch came from (write_test_file puts it in column 0 of x)."
+    return int(b['x'][0, 0])
 
-def drain(c: Consumer, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def drain(c: Consumer, n: int) -> list[dict[str, torch.Tensor]]:
     return [c.next_batch() for _ in range(n)]
 
 def env_for_child(**extra) -> dict:
@@ -88,7 +88,7 @@ def assert_consumer_reads_only_whole_files(q: Path, n_files: int):
     with warnings.catch_warnings():
         warnings.simplefilter('error')  # a quarantine warning would fail the test
         with Consumer(q, timeout=0) as c:
-            got = [seq_of(x) for x, _ in drain(c, n_files * q_meta(q)['batches_per_file'])]
+            got = [seq_of(b) for b in drain(c, n_files * q_meta(q)['batches_per_file'])]
             with pytest.raises(DDiffError, match='within timeout=0 s'): c.next_batch()
     assert got == [s for s in range(n_files) for _ in range(q_meta(q)['batches_per_file'])]
     assert not (q / 'train' / 'quarantine').exists()
@@ -135,7 +135,7 @@ def test_bad_file_is_quarantined_and_consumer_continues(tmp_path, damage):
     elif damage == 'wrong_shape': write_test_file(tmp_path / 'other', 'train', 1, {**META, 'block_size': 8}); shutil.copy(tmp_path / 'other' / 'train' / p.name, p)
     elif damage == 'wrong_seq': shutil.copy(q / 'train' / queue_file_name('train', 2), p)
     with pytest.warns(UserWarning, match='quarantine') as rec, Consumer(q, timeout=0) as c:
-        got = [seq_of(x) for x, _ in drain(c, 2 * N)]
+        got = [seq_of(b) for b in drain(c, 2 * N)]
     assert got == [0] * N + [2] * N
     assert (q / 'train' / 'quarantine' / p.name).is_file()
     assert list_queue_files(q / 'train', 'train') == {}
@@ -147,8 +147,8 @@ def test_bad_val_file_is_skipped_but_the_rest_of_the_val_set_still_cycles(tmp_pa
     p = q / 'val' / queue_file_name('val', 1)
     p.write_bytes(p.read_bytes()[:50])
     with pytest.warns(UserWarning, match='quarantine'), Consumer(q, split='val', timeout=0) as v:
-        assert [seq_of(x) for x, _ in v.iter_epoch()] == [0] * N + [2] * N
-        assert [seq_of(v.next_batch()[0]) for _ in range(3 * N)] == [0] * N + [2] * N + [0] * N
+        assert [seq_of(b) for b in v.iter_epoch()] == [0] * N + [2] * N
+        assert [seq_of(v.next_batch()) for _ in range(3 * N)] == [0] * N + [2] * N + [0] * N
     assert sorted(list_queue_files(q / 'val', 'val')) == [0, 2]
 
 def test_only_queue_names_are_read(tmp_path):
@@ -159,8 +159,109 @@ def test_only_queue_names_are_read(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter('error')
         with Consumer(q, timeout=0) as c:
-            assert [seq_of(x) for x, _ in drain(c, 3 * N)] == [0] * N + [2] * N + [5] * N  # gaps in seq are skipped
+            assert [seq_of(b) for b in drain(c, 3 * N)] == [0] * N + [2] * N + [5] * N  # gaps in seq are skipped
             with pytest.raises(DDiffError, match='within timeout'): c.next_batch()
+
+def test_quarantine_never_overwrites_an_earlier_file(tmp_path):
+    q = make_queue(tmp_path, train=[])
+    name = queue_file_name('train', 0)
+    (q / 'train').mkdir()
+    for i, junk in enumerate([b'first', b'second', b'third']):
+        (q / 'train' / name).write_bytes(junk)
+        with pytest.warns(UserWarning, match='quarantine'), Consumer(q, timeout=0) as c:
+            with pytest.raises(DDiffError, match='within timeout'): c.next_batch()
+    qdir = q / 'train' / 'quarantine'
+    assert sorted(os.listdir(qdir)) == [name, name + '.1', name + '.2']
+    assert [(qdir / n).read_bytes() for n in (name, name + '.1', name + '.2')] == [b'first', b'second', b'third']
+
+@pytest.mark.parametrize('kind', ['fifo', 'folder'])
+def test_non_regular_file_is_skipped_unopened_and_timeout_holds(tmp_path, kind):
+    q = make_queue(tmp_path, train=[1])
+    odd = q / 'train' / queue_file_name('train', 0)
+    os.mkfifo(odd) if kind == 'fifo' else odd.mkdir()
+    t0 = time.monotonic()
+    with pytest.warns(UserWarning, match='FIFO' if kind == 'fifo' else 'folder') as rec, Consumer(q, timeout=0.3) as c:
+        assert [seq_of(b) for b in drain(c, N)] == [1] * N  # the odd name is skipped, the next file served
+        with pytest.raises(DDiffError, match='within timeout=0.3 s'): c.next_batch()  # and it does not hang on it
+    assert time.monotonic() - t0 < 60
+    assert str(odd) in str(rec[0].message) and '\n' not in str(rec[0].message)
+    assert odd.exists() and not (q / 'train' / 'quarantine').exists()  # left where it is, never opened or moved
+
+def test_fifo_as_the_only_file_times_out(tmp_path):
+    q = make_queue(tmp_path, train=[])
+    (q / 'train').mkdir(); os.mkfifo(q / 'train' / queue_file_name('train', 0))
+    with pytest.warns(UserWarning, match='FIFO'), Consumer(q, timeout=0.2) as c:
+        with pytest.raises(DDiffError, match='within timeout=0.2 s'): c.next_batch()
+
+def test_fifo_val_file_is_dropped_from_the_val_set(tmp_path):
+    q = make_queue(tmp_path, train=[], val=True)
+    p = q / 'val' / queue_file_name('val', 1)
+    p.unlink(); os.mkfifo(p)
+    with pytest.warns(UserWarning, match='FIFO'), Consumer(q, split='val', timeout=0.2) as v:
+        assert [seq_of(b) for b in v.iter_epoch()] == [0] * N + [2] * N
+    with pytest.warns(UserWarning, match='FIFO'), Consumer(q, split='val', timeout=0.2) as v:
+        assert [seq_of(v.next_batch()) for _ in range(3 * N)] == [0] * N + [2] * N + [0] * N
+
+def test_missing_queue_folder_stops_with_one_line(tmp_path):
+    missing = tmp_path / 'not' / 'there'
+    t0 = time.monotonic()
+    with pytest.raises(DDiffError) as e: Consumer(missing, split='val', timeout=0.3)
+    assert 0.3 <= time.monotonic() - t0 < 30
+    msg = str(e.value)
+    assert '\n' not in msg and str(missing) in msg and 'does not exist' in msg and 'ddiff prepare' in msg
+    with pytest.raises(DDiffError, match='no producer was started'): Consumer(missing)  # no timeout: at once, not forever
+
+def test_missing_queue_folder_ends_a_process_that_set_no_timeout(tmp_path):
+    "A val consumer made the way `ddiff evaluate ... --queue <missing>` makes it (no timeout, no producer) ends instead of hanging."
+    code = "from ddiff.consumer import Consumer; import sys; Consumer(sys.argv[1], split='val', device='cpu')"
+    r = subprocess.run([sys.executable, '-c', code, str(tmp_path / 'missing')], capture_output=True, text=True, timeout=120, env=env_for_child())
+    assert r.returncode != 0 and 'does not exist' in r.stderr
+
+# ---------------------------------------------------------------- declared fields (dict batches)
+
+AUX = {**META, 'fields': {'x': {'dtype': 'uint8', 'shape': [4, 16]}, 'y': {'dtype': 'uint8', 'shape': [4, 16], 'ignore': True},
+                          'cls': {'dtype': 'uint8', 'shape': [4, 16], 'ignore': True}, 'level': {'dtype': 'float32', 'shape': [4]},
+                          'n': {'dtype': 'int64', 'shape': [4]}}}
+
+def test_declared_fields_come_out_as_a_dict(tmp_path):
+    from ddiff.consumer import read_queue_file
+    q = make_queue(tmp_path, train=[0], val=True, meta=AUX)
+    t, _ = read_queue_file(q / 'train' / queue_file_name('train', 0))
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        with Consumer(q, timeout=0) as c:
+            for i in range(N):
+                b = c.next_batch()
+                assert sorted(b) == ['cls', 'level', 'n', 'x', 'y']
+                assert {k: v.dtype for k, v in b.items()} == {'x': torch.int64, 'y': torch.int64, 'cls': torch.int64,
+                                                              'level': torch.float32, 'n': torch.int64}
+                assert b['level'].shape == b['n'].shape == (4,) and b['cls'].shape == (4, 16)
+                for k in ('y', 'cls'): assert torch.equal(b[k], t[k][i].long().masked_fill(t[k][i] == 255, -100))
+                assert torch.equal(b['x'], t['x'][i].long()) and torch.equal(b['level'], t['level'][i]) and torch.equal(b['n'], t['n'][i])
+        with Consumer(q, split='val', timeout=0) as v: assert all(sorted(b) == sorted(AUX['fields']) for b in v.iter_epoch())
+
+@pytest.mark.parametrize('change,reason', [
+    ({'level': {'dtype': 'float64', 'shape': [4]}}, "field 'level' has dtype float64; expected float32"),
+    ({'n': {'dtype': 'int64', 'shape': [2]}}, "field 'n' has shape (3, 2); expected (N, 4)"),
+    ({'extra': {'dtype': 'int64', 'shape': [4]}}, "field 'extra' is not declared"),
+    (None, "field 'cls' is missing")])
+def test_file_that_does_not_match_the_fields_is_quarantined_naming_the_field(tmp_path, change, reason):
+    q = make_queue(tmp_path, train=[1], meta=AUX)
+    fields = {k: v for k, v in AUX['fields'].items() if change is not None or k != 'cls'}
+    write_test_file(tmp_path / 'other', 'train', 0, {**AUX, 'fields': {**fields, **(change or {})}})
+    shutil.copy(tmp_path / 'other' / 'train' / queue_file_name('train', 0), q / 'train' / queue_file_name('train', 0))
+    with pytest.warns(UserWarning, match='quarantine') as rec, Consumer(q, timeout=0) as c:
+        assert seq_of(c.next_batch()) == 1
+    assert reason in str(rec[0].message)
+
+@pytest.mark.parametrize('fields,msg', [({'x': {'dtype': 'int4', 'shape': [4, 16]}}, "field 'x' has dtype='int4'"),
+                                         ({'x': {'dtype': 'uint8', 'shape': 'B T'}}, "field 'x' has shape='B T'"),
+                                         ({'x': {'dtype': 'int64', 'shape': [4], 'ignore': True}}, 'only uint8 fields'),
+                                         ([], 'expected a non-empty object')])
+def test_bad_fields_in_meta_are_one_line(tmp_path, fields, msg):
+    q = make_queue(tmp_path, train=[], meta={**META, 'fields': fields})
+    with pytest.raises(DDiffError) as e: Consumer(q, timeout=0)
+    assert msg in str(e.value) and str(q / 'meta.json') in str(e.value) and '\n' not in str(e.value)
 
 # ---------------------------------------------------------------- meta checks
 
@@ -182,14 +283,14 @@ def test_file_from_other_settings_is_quarantined(tmp_path):
     q = make_queue(tmp_path, train=[1])
     write_test_file(q, 'train', 0, {**META, 'batch_size': 2})
     with pytest.warns(UserWarning, match=r'expected \(N, 4, 16\)'), Consumer(q, timeout=0) as c:
-        assert seq_of(c.next_batch()[0]) == 1
+        assert seq_of(c.next_batch()) == 1
 
 def test_file_with_a_stale_meta_hash_is_quarantined(tmp_path):
     meta = {**META, 'meta_hash': 'aaaaaaaaaaaaaaaa'}
     q = make_queue(tmp_path, train=[1], meta=meta)
     write_test_file(q, 'train', 0, {**meta, 'meta_hash': 'bbbbbbbbbbbbbbbb'})  # left over from a queue with other settings
     with pytest.warns(UserWarning, match='stale'), Consumer(q, timeout=0) as c:
-        assert seq_of(c.next_batch()[0]) == 1
+        assert seq_of(c.next_batch()) == 1
 
 def test_y_marker_becomes_ignore_index(tmp_path):
     q = make_queue(tmp_path, train=[0], meta={**META, 'ignore_index': -1})
@@ -197,8 +298,8 @@ def test_y_marker_becomes_ignore_index(tmp_path):
     t, _ = read_queue_file(q / 'train' / queue_file_name('train', 0))
     with Consumer(q, timeout=0) as c:
         for i in range(N):
-            x, y = c.next_batch()
-            assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (4, 16)
+            b = c.next_batch(); x, y = b['x'], b['y']
+            assert sorted(b) == ['x', 'y'] and x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (4, 16)
             want = t['y'][i].long()
             assert torch.equal(y, want.masked_fill(want == 255, -1)) and torch.equal(x, t['x'][i].long())
 
@@ -211,7 +312,7 @@ def test_timeout_names_the_folder(tmp_path):
     assert time.monotonic() - t0 >= 0.3
     msg = str(e.value)
     assert '\n' not in msg and str(q / 'train') in msg and 'timeout=0.3 s' in msg
-    with pytest.raises(DDiffError, match='meta.json appeared within timeout=0.1 s'): Consumer(tmp_path / 'nothing', timeout=0.1)
+    with pytest.raises(DDiffError, match=r'queue folder .*nothing does not exist.*waited timeout=0.1 s'): Consumer(tmp_path / 'nothing', timeout=0.1)
 
 def test_dead_producer_is_an_error_not_a_hang(tmp_path):
     q = make_queue(tmp_path, train=[])
@@ -235,7 +336,7 @@ for s in range(2): write_test_file(q, 'train', s, meta)
     proc = subprocess.Popen([sys.executable, '-c', code], env=env_for_child())
     try:
         with Consumer(q, producer=proc, timeout=120) as c:
-            assert [seq_of(x) for x, _ in drain(c, 2 * N)] == [0] * N + [1] * N
+            assert [seq_of(b) for b in drain(c, 2 * N)] == [0] * N + [1] * N
             with pytest.raises(DDiffError, match='exited with code 0'): c.next_batch()
     finally: proc.kill(); proc.wait()
 
@@ -246,7 +347,7 @@ def test_consumer_waits_for_a_slow_writer(tmp_path):
             time.sleep(0.05); write_test_file(q, 'train', s, META)
     t = threading.Thread(target=writer); t.start()
     try:
-        with Consumer(q, timeout=60, poll=0.01) as c: got = [seq_of(x) for x, _ in drain(c, 4 * N)]
+        with Consumer(q, timeout=60, poll=0.01) as c: got = [seq_of(b) for b in drain(c, 4 * N)]
     finally: t.join()
     assert got == [s for s in range(4) for _ in range(N)]
 
@@ -262,7 +363,7 @@ def test_ranks_never_take_the_same_file(tmp_path, world_size):
         try:
             with Consumer(q, rank=r, world_size=world_size, timeout=60, poll=0.01) as c:
                 mine = len(range(r, n_files, world_size))
-                got[r] = [seq_of(x) for x, _ in drain(c, mine * N)]
+                got[r] = [seq_of(b) for b in drain(c, mine * N)]
         except BaseException as e: errors.append(e)
     threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world_size)]
     for t in threads: t.start()
@@ -281,7 +382,7 @@ import sys
 from ddiff.consumer import Consumer
 q, r = sys.argv[1], int(sys.argv[2])
 with Consumer(q, rank=r, world_size=2, timeout=0) as c:
-    print(' '.join(str(int(c.next_batch()[0][0, 0])) for _ in range(4 * 3)))
+    print(' '.join(str(int(c.next_batch()['x'][0, 0])) for _ in range(4 * 3)))
 """
     procs = [subprocess.Popen([sys.executable, '-c', code, str(q), str(r)], stdout=subprocess.PIPE, text=True, env=env_for_child())
              for r in range(2)]
@@ -291,9 +392,9 @@ with Consumer(q, rank=r, world_size=2, timeout=0) as c:
 
 # ---------------------------------------------------------------- exact resume
 
-def stream(c: Consumer, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]: return drain(c, n)
+def stream(c: Consumer, n: int) -> list[dict[str, torch.Tensor]]: return drain(c, n)
 
-def same(a, b) -> bool: return len(a) == len(b) and all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b))
+def same(a, b) -> bool: return len(a) == len(b) and all(p.keys() == q.keys() and all(torch.equal(p[k], q[k]) for k in p) for p, q in zip(a, b))
 
 @pytest.mark.parametrize('stop', [0, 1, N - 1, N, N + 1, 2 * N, 3 * N - 1])
 def test_exact_resume_train(tmp_path, stop):
@@ -339,7 +440,7 @@ def test_resume_when_the_saved_file_is_gone_warns_and_continues(tmp_path):
     (q / 'train' / queue_file_name('train', 0)).unlink()
     with pytest.warns(UserWarning, match='is gone'), Consumer(q, timeout=0) as c2:
         c2.load_state_dict(state)
-        assert seq_of(c2.next_batch()[0]) == 1
+        assert seq_of(c2.next_batch()) == 1
 
 def test_state_from_another_layout_is_refused(tmp_path):
     q = make_queue(tmp_path, train=range(1), val=True)
@@ -405,7 +506,8 @@ def test_same_seed_in_two_producer_processes_gives_identical_files(tmp_path):
         with Consumer(q, split='val', expect=expect, timeout=0) as v:
             assert len(list(v.iter_epoch())) == 2 * 2
         with Consumer(q, expect=expect, timeout=0) as c:
-            for x, y in drain(c, 3 * 2):
+            for b in drain(c, 3 * 2):
+                x, y = b['x'], b['y']
                 assert x.shape == y.shape == (4, 32) and int(x.max()) < meta['vocab_size']
                 assert ((y == meta['ignore_index']) | ((y >= 0) & (y < meta['vocab_size']))).all()
             with pytest.raises(DDiffError, match='within timeout'): c.next_batch()

@@ -1,0 +1,74 @@
+"""Crash-exact training: a run killed (SIGKILL) or stopped (SIGINT, SIGTERM) at random moments and resumed any number
+of times ends with exactly the losses and metrics of an uninterrupted run. Small queue files make every kill land
+after file boundaries that the last checkpoint did not cover."""
+import json, os, random, signal, subprocess, sys, time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMON = ['train.max_steps=40', 'train.eval_interval=6', 'train.log_interval=1', 'train.warmup_steps=3',
+          'train.progress=false', 'train.device=cpu', 'data.batches_per_file=2', 'data.max_backlog=3',
+          'model.dropout=0.1', 'eval.n_windows=4']
+
+
+def _env(tmp: Path) -> dict:
+    return {**os.environ, 'OMP_NUM_THREADS': '1', 'DDIFF_DATA': str(tmp / 'data'), 'DDIFF_OUTPUTS': str(tmp / 'outputs'),
+            'PYTHONPATH': os.pathsep.join([str(ROOT), *filter(None, [os.environ.get('PYTHONPATH')])])}
+
+
+def _cmd(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, '-m', 'ddiff.cli', 'train', str(ROOT / 'configs' / 'tiny.yaml'), *COMMON, f'train.out_dir={out}', *extra]
+
+
+def _steps_done(out: Path) -> int:
+    try: rows = [json.loads(l) for l in (out / 'metrics.jsonl').read_text().splitlines() if l.strip()]
+    except (OSError, ValueError): return 0
+    return max((r['step'] for r in rows if r.get('split') == 'train'), default=0)
+
+
+def _curve(out: Path) -> tuple[dict, dict]:
+    rows = [json.loads(l) for l in (out / 'metrics.jsonl').read_text().splitlines() if l.strip()]
+    train = {r['step']: r['train/loss_all'] for r in rows if r['split'] == 'train'}
+    final = next(r for r in rows if r['split'] == 'final')
+    return train, {k: v for k, v in final.items() if isinstance(v, float)}
+
+
+def _interrupted_run(tmp: Path, how: signal.Signals, rng: random.Random, max_tries: int = 12) -> Path:
+    "Start, interrupt with `how` after a random number of steps, resume; repeat until the run finishes."
+    out, env = tmp / 'cut', _env(tmp)
+    for attempt in range(max_tries):
+        resume = ['train.resume=true'] if attempt else []
+        p = subprocess.Popen(_cmd(out, *resume), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp)
+        target = _steps_done(out) + rng.randint(3, 11)
+        deadline = time.time() + 120
+        while p.poll() is None and _steps_done(out) < target and time.time() < deadline: time.sleep(0.02)
+        if p.poll() is None: p.send_signal(how)
+        stdout, stderr = p.communicate(timeout=120)
+        if p.returncode == 0: return out
+        expected = -9 if how == signal.SIGKILL else 128 + int(how)
+        assert p.returncode == expected, f'exit {p.returncode}, expected {expected}:\n{stderr[-3000:]}'
+        if how != signal.SIGKILL:  # a graceful stop saves last.pt at a step boundary: its step is the last logged step
+            from ddiff.checkpoint import load_checkpoint
+            assert load_checkpoint(out / 'last.pt')['step'] == _steps_done(out)
+    pytest.fail(f'the run did not finish after {max_tries} interruptions')
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory) -> tuple[dict, dict]:
+    tmp = tmp_path_factory.mktemp('ref')
+    res = subprocess.run(_cmd(tmp / 'full'), env=_env(tmp), capture_output=True, text=True, timeout=600, cwd=tmp)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return _curve(tmp / 'full')
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('how', [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=['kill-9', 'sigterm', 'sigint'])
+def test_interrupted_runs_end_exactly_like_an_uninterrupted_one(tmp_path, reference, how):
+    train_ref, final_ref = reference
+    out = _interrupted_run(tmp_path, how, random.Random(int(how)))
+    train_cut, final_cut = _curve(out)
+    assert sorted(train_cut) == sorted(train_ref)
+    worst = max(abs(train_cut[s] - train_ref[s]) for s in train_ref)
+    assert worst < 1e-6, f'largest per-step loss difference {worst:.2e}'
+    for k, v in final_ref.items(): assert abs(final_cut[k] - v) < 1e-6, (k, final_cut[k], v)
