@@ -65,7 +65,8 @@ def corrupt_with_kinds(p: Provider, # the recipe's provider
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     "The provider's own corruption step on train rows: (x (R, T), kind (R, T) uint8 of `corruption.KIND_*`)."
     if hasattr(p, 'corrupt_with_kinds'): return p.corrupt_with_kinds(x0, mask, 'train', g)  # recipes that know their kinds
-    x, _ = p.corrupt(x0, mask, torch.zeros(len(x0), dtype=torch.long), 'train', g)  # (R, T); kinds read off the result
+    out = p.corrupt(x0, mask, torch.zeros(len(x0), dtype=torch.long), 'train', g)  # (x, y) or a dict of fields
+    x = out['x'] if isinstance(out, dict) else out[0]  # (R, T); kinds read off the result
     return x, torch.where(x == p.mask_id, KIND_MASK, torch.where(mask, KIND_RANDOM, KIND_NONE)).to(torch.uint8)
 
 def uses_mixture(p: Provider) -> bool:
