@@ -1,4 +1,4 @@
-"""The explorer used live: JupyterLab on 127.0.0.1, nbs/08_explorer.ipynb (a copy) opened in headless Chromium.
+"""The explorer used live: JupyterLab on 127.0.0.1, nbs/20_explorer.ipynb (a copy) opened in headless Chromium.
 
 Playwright for Python drives Debian's `chromium` (`executable_path`; nothing downloads a browser). The test runs all
 cells, changes controls, checks that the view and its plots change with no widget error, that only the text rows
@@ -39,7 +39,7 @@ def lab(tmp_path_factory):
     "A JupyterLab server on 127.0.0.1 with a token, its own config/data folders and a copy of the explorer notebook."
     d = tmp_path_factory.mktemp('lab')
     work = d / 'work'; work.mkdir()
-    nb = json.loads((ROOT / 'nbs' / '08_explorer.ipynb').read_text())
+    nb = json.loads((ROOT / 'nbs' / '20_explorer.ipynb').read_text())
     nb['metadata']['kernelspec'] = {'name': 'python3', 'display_name': 'Python 3 (ipykernel)', 'language': 'python'}  # no kernel dialog
     (work / 'explorer.ipynb').write_text(json.dumps(nb))
     settings = d / 'settings' / '@jupyterlab' / 'apputils-extension'; settings.mkdir(parents=True)
