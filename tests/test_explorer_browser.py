@@ -66,14 +66,6 @@ def lab(tmp_path_factory):
         except subprocess.TimeoutExpired: proc.kill(); proc.wait()
         log.close()
 
-@pytest.fixture(scope='module')
-def shots(tmp_path_factory):
-    d = tmp_path_factory.mktemp('screenshots')
-    yield d
-    if os.environ.get('DDIFF_SCREENSHOTS'):
-        dst = Path(os.environ['DDIFF_SCREENSHOTS']); dst.mkdir(parents=True, exist_ok=True)
-        for f in d.glob('*.png'): shutil.copy2(f, dst / f.name)
-
 # JS: remember when the user acted (capture phase, before any widget handler) ...
 ARM = """() => { window.__ddT0 = null; for (const ev of ['change', 'keydown', 'click', 'input'])
   document.addEventListener(ev, () => { if (window.__ddT0 === null) window.__ddT0 = performance.now(); }, true); }"""
