@@ -74,14 +74,6 @@ def base_url(site):
     yield url
     server.shutdown(); server.server_close()
 
-@pytest.fixture(scope='module')
-def shots(tmp_path_factory):
-    d = tmp_path_factory.mktemp('screenshots')
-    yield d
-    if os.environ.get('DDIFF_SCREENSHOTS'):
-        dst = Path(os.environ['DDIFF_SCREENSHOTS']); dst.mkdir(parents=True, exist_ok=True)
-        for f in d.glob('*.png'): shutil.copy2(f, dst / f.name)
-
 def test_site_files(site):
     assert external_refs(site) == []
     assert (site / 'index.html').is_file() and (site / 'search' / 'search_index.json').is_file()

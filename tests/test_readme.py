@@ -57,12 +57,7 @@ SUBSTITUTE = {  # command prefix -> function(argv, scratch) giving the argv that
     'ddiff sweep configs/sweeps/mixtures.yaml': _short_sweep,
 }
 
-KNOWN_FAILURES = {  # command prefix -> (reason, seconds to wait before giving up)
-    'ddiff prepare configs/data/random_replacement.yaml': (
-        'hangs: --max-files 20 with the config\'s max_backlog 8 waits for a consumer that never comes (prepare is being fixed)', 60),
-    'ddiff evaluate outputs/runs/cpu/best.pt': (
-        'names the run outputs/runs/cpu, which no earlier README command creates (the README/evaluate are being fixed)', 300),
-}
+KNOWN_FAILURES: dict[str, tuple[str, float]] = {}  # command prefix -> (reason, seconds to wait before giving up); none today
 
 def readme_commands(text: str) -> list[str]:
     "Every command line of the ```bash blocks of `text`, in order, without comments."
