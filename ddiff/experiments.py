@@ -26,6 +26,7 @@ EXPERIMENT_KINDS: dict[str, list[str]] = {
     'train_evaluate': ['train_evaluate'],                 # prepare data, train, evaluate
     'sample_score':   ['sample_score'],                   # sample from a checkpoint and score the samples
     'quickstart':     ['train_evaluate', 'sample_score'], # the main job: both, then a report
+    'study':          ['study'],                          # the strategy study (ddiff.study): rows at equal compute, one judge
 }
 
 @dataclasses.dataclass
@@ -37,6 +38,7 @@ class ExperimentConfig:
     judge: str = ''               # checkpoint of a causal (AR) judge for generative perplexity
     judge_steps: int = 0          # > 0 and no judge: train a judge of the `model` size for this many steps
     timeout_minutes: float = 60.0 # papermill cell timeout for the whole run's notebooks
+    study: dict = dataclasses.field(default_factory=dict)  # kind 'study': rows, budgets, judge (ddiff.study.StudyConfig)
 
     def validate(self) -> 'ExperimentConfig':
         "Check the values; raise a one-line ConfigError otherwise."
@@ -45,6 +47,9 @@ class ExperimentConfig:
         check_positive('experiment.timeout_minutes', self.timeout_minutes)
         if self.kind == 'sample_score' and not self.checkpoint:
             raise ConfigError("experiment.checkpoint is empty; a sample_score run needs the path of a checkpoint")
+        if self.kind == 'study':
+            from ddiff.study import study_config  # a later notebook
+            study_config(self.study)
         return self
 
 SECTIONS = ('experiment', 'data', 'model', 'train', 'eval', 'sample')
