@@ -42,9 +42,11 @@ class _SampleCommand:
     config: str = ''        # a preset: configs/sample/<name>.yaml or a YAML file with a `sample:` section
     live: bool = True       # show the sampler's progress in the terminal
 
-SampleConfig = dataclasses.make_dataclass('SampleConfig', _knob_fields(), bases=(_SampleCommand,))
-SampleConfig.__doc__ = "The `sample:` section: the command's keys and every sampler knob (None: the sampler's default)."
-SampleConfig.__module__ = __name__
+_SampleKnobs = dataclasses.make_dataclass('_SampleKnobs', _knob_fields(), bases=(_SampleCommand,))  # every knob, from the samplers
+
+@dataclasses.dataclass
+class SampleConfig(_SampleKnobs):
+    "The `sample:` section: the command's keys and every sampler knob (None: the sampler's default)."
 
 def knobs_for(sc, sampler: str) -> Any:
     "The sampler config of `sampler` from the knobs set in `sc` (one line for a knob this sampler does not have)."

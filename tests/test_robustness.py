@@ -187,7 +187,7 @@ def test_a_bit_flip_in_the_middle_of_last_pt_is_one_line(tmp_path):
         with pytest.raises(DDiffError) as e: load(p)
         msg = str(e.value)
         assert str(p) in msg and 'is corrupted' in msg and BEST in msg and 'retrain' in msg and '\n' not in msg, msg
-    err = one_line_error(ddiff('sample', p, 'num_samples=1', 'live=false'), 'sample')
+    err = one_line_error(ddiff('sample', p, 'sample.num_samples=1', 'sample.live=false'), 'sample')
     assert 'is corrupted' in err and 'weights_only' not in err
 
 def test_a_truncated_checkpoint_is_one_line(tmp_path):
