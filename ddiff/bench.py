@@ -15,13 +15,11 @@ from .corpus import load_corpus
 from .core import check_positive
 from .providers import DataConfig, make_provider
 
-QUEUE_RECIPES = ('char_diffusion', 'char_random_replacement')  # recipes whose producers are timed by default
-
 # %% auto #0
-__all__ = ['QUEUE_RECIPES', 'BENCHMARKS', 'bench_producer', 'format_rows', 'bench_train', 'bench_quality', 'main']
+__all__ = ['BENCHMARKS', 'bench_producer', 'format_rows', 'bench_train', 'bench_quality', 'main']
 
 # %% ../nbs/21_bench.ipynb #c005
-def bench_producer(recipes: Sequence[str] = QUEUE_RECIPES, # data recipes to time (any recipe with a provider)
+def bench_producer(recipes: Sequence[str] | None = None, # data recipes to time (None: every recipe that writes a queue)
                    block_sizes: Sequence[int] = (256, 1024), # window lengths
                    batch_size: int = 32, # windows per batch
                    batches_per_file: int = 16, # batches per file
@@ -32,6 +30,9 @@ def bench_producer(recipes: Sequence[str] = QUEUE_RECIPES, # data recipes to tim
                    verbose: bool = True # print a table
                   ) -> list[dict]:
     "Time make_file + serialisation (+ write) of the producer per recipe and block size; one dict per setting."
+    if recipes is None:
+        from ddiff.recipes import get_recipe, recipe_names
+        recipes = [n for n in recipe_names() if get_recipe(n).provider is not None]
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     data, rows = load_corpus(corpus), []
@@ -119,7 +120,7 @@ def bench_quality(configs: Sequence[str] = ('configs/cpu.yaml', 'configs/cpu_ar.
 
 # %% ../nbs/21_bench.ipynb #c014
 def _producer_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument('--recipes', nargs='+', default=list(QUEUE_RECIPES), help='data recipes with a provider')
+    ap.add_argument('--recipes', nargs='+', default=None, help='data recipes with a provider (default: all of them)')
     ap.add_argument('--block-sizes', nargs='+', type=int, default=[256, 1024], help='window lengths')
     ap.add_argument('--batch-size', type=int, default=32)
     ap.add_argument('--batches-per-file', type=int, default=16)

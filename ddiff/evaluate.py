@@ -241,18 +241,17 @@ class EvalConfig:
 def _run_eval_config(ckpt_path: str, overrides: Iterable[str]) -> EvalConfig:
     "The `eval:` section of the checkpoint's run (its config.json, if any) with `eval.key=value` overrides applied."
     from pathlib import Path
-    from ddiff.core import ConfigError, apply_overrides, dataclass_from_dict
+    from ddiff.core import ConfigError
     cfg_file = Path(ckpt_path).parent / 'config.json'
     base = {}
     if cfg_file.is_file():
         try: base = json.loads(cfg_file.read_text()).get('eval') or {}
         except (OSError, json.JSONDecodeError): base = {}
-    fields = {f.name: None for f in dataclasses.fields(EvalConfig)}
-    base = {k: v for k, v in base.items() if k in fields}
+    from ddiff.config import load_config  # the one config loader (a later notebook)
+    fields = [f.name for f in dataclasses.fields(EvalConfig)]
     for o in overrides:
         if not o.startswith('eval.'): raise ConfigError(f"override {o!r} is not allowed here; ddiff evaluate takes eval.key=value ({', '.join(fields)})")
-    cfg = apply_overrides({'eval': base}, overrides, {'eval': fields})
-    return dataclass_from_dict(EvalConfig, cfg['eval'], 'eval').validate()
+    return load_config({'eval': {k: v for k, v in base.items() if k in fields}}, overrides).eval
 
 def evaluate_checkpoint(path,                               # checkpoint file or run folder
                         overrides: Iterable[str] = (),      # eval.key=value settings

@@ -19,7 +19,7 @@ from .recipes import add_stats, get_recipe, summarize
 __all__ = ['AUTOCAST_DTYPES', 'TrainConfig', 'validate_train_config', 'lr_at', 'DistInfo', 'setup_distributed', 'read_metrics',
            'Run', 'TrainState', 'setup_run', 'start_data', 'stop_data', 'build_state', 'restore_state', 'save_state',
            'evaluate_batches', 'train_step', 'evaluate_and_save', 'stop_on_signals', 'log_train', 'train_loop',
-           'final_eval', 'train', 'main', 'scratch_dirs', 'plot_metrics']
+           'final_eval', 'train', 'main', 'scratch_dirs']
 
 # %% ../nbs/17_train.ipynb #c006
 AUTOCAST_DTYPES = {'none': None, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
@@ -490,19 +490,6 @@ def scratch_dirs(enabled: bool = True):
                 if v is None: os.environ.pop(k, None)
                 else: os.environ[k] = v
 
-def plot_metrics(rows: list[dict], title: str = '') -> None:
-    "Loss curves (train and val, all and corrupted positions) and the learning rate of a run."
-    import matplotlib.pyplot as plt
-    tr = [r for r in rows if r['split'] == 'train']; va = [r for r in rows if r['split'] == 'val']
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3))
-    for rs, split, style in ((tr, 'train', '-'), (va, 'val', 'o--')):
-        for k in ('all', 'corrupted'):
-            key = f'{split}/loss_{k}'
-            pts = [(r['step'], r[key]) for r in rs if key in r]
-            if pts: a.plot(*zip(*pts), style, label=key, ms=3)
-    a.set_xlabel('step'); a.set_ylabel('cross entropy (nats)'); a.legend(); a.set_title(title)
-    b.plot([r['step'] for r in tr], [r['lr'] for r in tr]); b.set_xlabel('step'); b.set_ylabel('learning rate')
-    plt.tight_layout(); plt.show()
 
 # %% ../nbs/17_train.ipynb #c038
 #| eval: false
