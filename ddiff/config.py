@@ -106,7 +106,11 @@ def apply_section_overrides(cfg: dict, overrides: typing.Iterable[str]) -> dict:
         if len(keys) == 2 and _is_text(hints[keys[1]]): value = text.split('=', 1)[1]  # 'sample.prompt=ROMEO:' is text
         node = out.setdefault(sec, {}) or {}
         out[sec] = node
-        for k in keys[1:-1]: node = node.setdefault(k, {})
+        for i, k in enumerate(keys[1:-1], 2):
+            if node.get(k) is None: node[k] = {}
+            if not isinstance(node[k], dict):
+                raise ConfigError(f"override {text!r}: {'.'.join(keys[:i])} is {node[k]!r}, not a mapping; set {'.'.join(keys[:i])}=value instead")
+            node = node[k]
         node[keys[-1]] = value
     return out
 

@@ -83,6 +83,14 @@ def _tmp_prefix(name: str) -> str:
     "The temporary-file prefix for target `name`: '.tmp-<name>.<pid>-<host>.'."
     return f'{TMP_PREFIX}{name}.{os.getpid()}-{HOST_TAG}.'
 
+def _fsync_dir(folder: Path) -> None:
+    "Flush a folder's entries to disk (where the platform allows it)."
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+        try: os.fsync(fd)
+        finally: os.close(fd)
+    except OSError: pass
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     "Write `data` to `path` so that readers see either the old file or the whole new one."
     path = Path(path)
@@ -93,6 +101,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         with os.fdopen(fd, 'wb') as f:
             f.write(data); f.flush(); os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)  # the rename itself survives a power cut
     except BaseException:
         try: os.unlink(tmp)
         except FileNotFoundError: pass

@@ -15,7 +15,7 @@ from .core import (DDiffError, ConfigError, load_yaml, parse_yaml, apply_overrid
 from .providers import DataConfig, make_provider, validate_data_config, queue_dir
 
 # %% auto #0
-__all__ = ['data_config', 'run_producer', 'main', 'start_producer_process']
+__all__ = ['data_config', 'fill_gaps', 'run_producer', 'main', 'start_producer_process']
 
 # %% ../nbs/14_prepare.ipynb #c005
 def data_config(config: str | os.PathLike | dict, # YAML path, '-' or a config dict
@@ -41,6 +41,17 @@ def _prepare_queue(p, notes: bool) -> None:
     p.init_queue()
     p.write_val_files()
 
+def fill_gaps(p, start: int) -> list[int]:
+    "Write the train files numbered from `start` up to the counter that neither wait nor were served: numbers a killed producer claimed but never wrote."
+    from ddiff.consumer import list_queue_files
+    folder = p.split_dir('train')
+    try: end = int((folder / '.seq').read_text().strip() or 0)
+    except (OSError, ValueError): return []
+    have = set(list_queue_files(folder, 'train')) | set(list_queue_files(folder / 'consumed', 'train'))
+    missing = [s for s in range(start, end) if s not in have]
+    for s in missing: p.write_file('train', s)  # files depend only on (seed, split, seq): the same bytes as the lost ones
+    return missing
+
 def _backlog_limit(p, cfg: DataConfig, max_files: int | None, notes: bool) -> int:
     "`cfg.max_backlog`, raised so that `max_files` new files fit beside those already waiting."
     if max_files is None: return cfg.max_backlog
@@ -57,6 +68,7 @@ def run_producer(cfg: DataConfig, # the data section
                  poll: float = 0.05, # seconds between backlog checks while the queue is full
                  parent_pid: int | None = None, # stop once this process is gone (used by `start_producer_process`)
                  notes: bool = True, # one-line notes on stderr (stale files removed, waiting for a consumer, raised backlog)
+                 fill_from: int | None = None, # first rewrite missing train files from this number on (a resumed run's position)
                 ) -> int:
     "Fill the queue of `cfg`: meta, validation files, then train files with backpressure; returns the train files written."
     from tqdm.auto import tqdm
@@ -70,6 +82,8 @@ def run_producer(cfg: DataConfig, # the data section
     try:
         p = make_provider(cfg)
         _prepare_queue(p, notes)
+        if fill_from is not None and (gaps := fill_gaps(p, fill_from)) and notes:
+            print(f'ddiff prepare: rewrote train file(s) {gaps} that a killed producer had claimed but not written', file=sys.stderr)
         limit = _backlog_limit(p, cfg, max_files, notes)
         with tqdm(total=max_files, disable=not progress, unit='file', desc=f'prepare {p.queue.parent.name}', leave=False) as bar:
             while not stop.is_set() and (max_files is None or written < max_files):
@@ -94,13 +108,15 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument('--max-files', type=int, default=None, help='stop after writing this many train files, even beyond data.max_backlog (default: run until stopped)')
     ap.add_argument('--quiet', action='store_true', help='no progress bar and no notes on stderr (errors are still shown)')
     ap.add_argument('--parent-pid', type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument('--fill-from', type=int, default=None, help=argparse.SUPPRESS)
     return ap
 
 def main(argv: list[str] | None = None) -> int:
     "`ddiff prepare`: run one producer for the config's data section until stopped or --max-files."
     args = _parser().parse_args(argv)
     cfg = data_config(args.config, args.overrides)
-    n = run_producer(cfg, max_files=args.max_files, progress=not args.quiet, parent_pid=args.parent_pid, notes=not args.quiet)
+    n = run_producer(cfg, max_files=args.max_files, progress=not args.quiet, parent_pid=args.parent_pid, notes=not args.quiet,
+                     fill_from=args.fill_from)
     if not args.quiet: print(f'wrote {n} train file(s) to {queue_dir(cfg)}', file=sys.stderr)
     return 0
 
@@ -109,13 +125,15 @@ def start_producer_process(config: str | os.PathLike | dict, # YAML path or conf
                            overrides: Iterable[str] = (), # 'section.key=value' strings, as given to training
                            max_files: int | None = None, # stop after this many train files
                            quiet: bool = True, # no progress bar in the child
-                           **popen_kwargs # passed to subprocess.Popen (e.g. stdout, stderr)
+                           fill_from: int | None = None, # rewrite missing train files from this number on (resume)
+                           **popen_kwargs # passed to subprocess.Popen (e.g. stdout, stderr, start_new_session)
                           ) -> subprocess.Popen:
     "Start `python -m ddiff.prepare` for `config` in a child process and return its Popen."
     data_config(config, overrides)  # fail here, with the one-line error, rather than in the child
     cmd = [sys.executable, '-m', 'ddiff.prepare', '-' if isinstance(config, dict) else str(Path(config).resolve()),
            *overrides, '--parent-pid', str(os.getpid())]
     if max_files is not None: cmd += ['--max-files', str(max_files)]
+    if fill_from is not None: cmd += ['--fill-from', str(fill_from)]
     if quiet: cmd.append('--quiet')
     env = dict(popen_kwargs.pop('env', None) or os.environ)
     pkg_parent = str(Path(__file__).resolve().parent.parent) if '__file__' in globals() else str(project_root())

@@ -23,6 +23,7 @@ SAMPLERS = {'edit': sample_edit, 'unmask': sample_unmask}  # sampler name -> fun
 def sampler_for_recipe(recipe: str | None) -> str:
     "The default sampler of the recipe a checkpoint was trained with."
     from ddiff.recipes import get_recipe
+    if not recipe: raise DDiffError(f"the checkpoint records no training recipe; choose the sampler with sample.sampler={' or '.join(SAMPLERS)}")
     r = get_recipe(str(recipe))
     if not r.samplers: raise DDiffError(f"checkpoint recipe {recipe!r} has no sampler in ddiff sample; use one of {', '.join(SAMPLERS)} with a diffusion recipe")
     return r.samplers[0]

@@ -29,6 +29,7 @@ def check_recipe(recipe: str | None, # the checkpoint's `data_meta['recipe']`
     from ddiff.recipes import get_recipe
     if sampler not in SAMPLER_NAMES:
         raise DDiffError(f"sampler={sampler!r} is unknown; use one of {', '.join(SAMPLER_NAMES)}")
+    if not recipe: return  # an old checkpoint records no recipe: the user's choice of sampler stands
     fits = get_recipe(str(recipe)).samplers
     if sampler not in fits:
         hint = f"use sampler={fits[0]}" if fits else "this recipe has no sampler"

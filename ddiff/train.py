@@ -134,7 +134,7 @@ class _Metrics:
         if not enabled: return
         path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and path.exists():
-            self.rows = [r for r in read_metrics(path) if r.get('step', 0) <= resume_step]
+            self.rows = [r for r in read_metrics(path) if r.get('step', 0) <= resume_step and r.get('split') != 'final']
         path.write_text(''.join(json.dumps(r) + '\n' for r in self.rows))
     def log(self, row: dict) -> None:
         self.rows.append(row)
@@ -205,7 +205,7 @@ def setup_run(cfg: dict | str | os.PathLike, overrides: list[str] | tuple = ()) 
         remove_stale_temp_files(out)  # a checkpoint write cut short by kill -9
     return Run(rc, recipe, out, info, device, amp, want=recipe.data_meta(dc))
 
-def start_data(run: Run, fresh: bool):
+def start_data(run: Run, fresh: bool, fill_from: int | None = None):
     "Refuse a queue made with other settings, reset the train split of a fresh run and start the producer (rank 0)."
     if run.recipe.provider is None: return None  # the recipe reads the corpus itself
     from ddiff.providers import check_existing_meta, queue_dir, reset_train_split
@@ -216,7 +216,8 @@ def start_data(run: Run, fresh: bool):
             from ddiff.prepare import start_producer_process
             check_writable(q, 'DDIFF_DATA or data.dataset')
             if fresh: reset_train_split(q)  # a fresh run reads the stream from seq 0: same seed, same run
-            producer = start_producer_process({'data': dataclasses.asdict(run.dc)})
+            producer = start_producer_process({'data': dataclasses.asdict(run.dc)}, fill_from=fill_from,
+                                              start_new_session=True)  # Ctrl-C in a terminal stops the trainer, which stops it
     if run.info.enabled:
         import torch.distributed as dist
         dist.barrier()  # no rank reads the queue before rank 0 has reset it
@@ -342,7 +343,7 @@ def stop_on_signals(flag: dict):
     def handler(signum, frame):
         if flag.get('signal'): raise KeyboardInterrupt  # asked twice: stop now
         flag['signal'] = signal.Signals(signum).name
-        print(f"\nddiff train: {flag['signal']} received: stopping after this step and saving last.pt (send it again to abort)", file=sys.stderr)
+        print(f"\nddiff train: {flag['signal']} received: stopping after this step (send it again to abort)", file=sys.stderr)
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try: yield flag
     finally:
@@ -394,8 +395,10 @@ def train_loop(run: Run, st: TrainState, model: torch.nn.Module) -> dict:
             if st.step % tc.eval_interval == 0 or st.step == tc.max_steps:
                 last_val = evaluate_and_save(run, st, time.time() - t_start)
                 if info.is_main: bar.set_postfix(val=f"{last_val['val/loss_all']:.4f}")
-        if stopped != 'max_steps' and st.step % tc.eval_interval != 0:  # stopped between evaluations: save this step
+        if stopped == 'max_minutes' and st.step % tc.eval_interval != 0:  # the budget ended between evaluations
             last_val = evaluate_and_save(run, st, time.time() - t_start)
+        elif stopped != 'max_steps' and st.step % tc.eval_interval != 0:  # a signal: save this step, as if never stopped
+            save_state(run, st, LAST, last_val)
     bar.close()
     return {'stopped': stopped, 'elapsed_s': time.time() - t_start, 'val': last_val, 'timing': timer.summary(tokens_per_step), 'files': sorted(files)}
 
@@ -422,8 +425,11 @@ def _prepare_out(run: Run, ckpt: dict | None) -> None:
     run.metrics = _Metrics(run.out / 'metrics.jsonl', run.info.is_main, ckpt['step'] if ckpt is not None else None)
     if not run.info.is_main: return
     run.out.mkdir(parents=True, exist_ok=True)
-    if ckpt is None:  # a fresh run: checkpoints of an earlier run in this folder must not pass for this one's
-        for stale in (LAST, BEST): (run.out / stale).unlink(missing_ok=True)
+    old = [run.out / f for f in (LAST, BEST, 'result.json') if (run.out / f).is_file()]
+    if ckpt is None and old:  # a fresh run: an earlier run's checkpoints in this folder must not pass for this one's
+        print(f"ddiff train: a fresh run in {run.out} replaces the earlier run there ({', '.join(p.name for p in old)}); "
+              "use train.resume=true to continue it or another train.name to keep it", file=sys.stderr)
+        for p in old: p.unlink(missing_ok=True)
     (run.out / 'config.json').write_text(json.dumps(run.rc.to_dict(), indent=2))  # loads again with load_config
 
 def train(cfg: dict | str | os.PathLike,  # nested config dict, or a YAML file path
@@ -436,7 +442,8 @@ def train(cfg: dict | str | os.PathLike,  # nested config dict, or a YAML file p
     if tc.resume and ckpt is None and info.is_main: print(f'ddiff train: no checkpoint in {run.out}; starting from scratch', file=sys.stderr)
     producer = data = None
     try:
-        producer = start_data(run, fresh=ckpt is None)
+        seqs = [s.get('seq') for s in (ckpt or {}).get('consumer_state') or [] if isinstance(s, dict) and s.get('seq') is not None]
+        producer = start_data(run, fresh=ckpt is None, fill_from=min(seqs) if seqs else None)
         data, run.meta, run.val = run.recipe.open_data(run.dc, tc, info, run.device, producer, run.want)
         st, model = build_state(run, data, ckpt)
         _prepare_out(run, ckpt)
@@ -472,7 +479,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"run folder: {res['out_dir']} ({how}, {res['elapsed_s']:.0f} s)")
     for k, v in sorted(res['metrics'].items()): print(f'  {k} = {v:.4f}' if isinstance(v, float) else f'  {k} = {v}')
     if res['stopped'] in ('SIGINT', 'SIGTERM'):
-        print(f"ddiff train: saved {res['last']}; resume with train.resume=true", file=sys.stderr)
+        print(f"ddiff train: saved {res['last']}; resume with train.resume=true" if res['last'] else
+              "ddiff train: no checkpoint was written (train.checkpoint=false, or no step was taken)", file=sys.stderr)
         return 128 + int(getattr(signal, res['stopped']))
     return 0
 

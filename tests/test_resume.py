@@ -72,3 +72,24 @@ def test_interrupted_runs_end_exactly_like_an_uninterrupted_one(tmp_path, refere
     worst = max(abs(train_cut[s] - train_ref[s]) for s in train_ref)
     assert worst < 1e-6, f'largest per-step loss difference {worst:.2e}'
     for k, v in final_ref.items(): assert abs(final_cut[k] - v) < 1e-6, (k, final_cut[k], v)
+
+
+def test_a_number_claimed_by_a_killed_producer_is_rewritten_on_resume(tmp_path, monkeypatch):
+    "A producer killed between claiming a file number and writing the file leaves a gap; a resumed run's producer fills it."
+    monkeypatch.setenv('DDIFF_DATA', str(tmp_path / 'data'))
+    from ddiff.config import load_config
+    from ddiff.prepare import run_producer
+    from ddiff.providers import make_provider
+    from ddiff.consumer import list_queue_files
+    cfg = load_config(str(ROOT / 'configs' / 'tiny.yaml'), ['data.batches_per_file=2']).data
+    p = make_provider(cfg)
+    p.init_queue()
+    for _ in range(2): p.write_file('train', p.claim_seq())   # files 0 and 1
+    p.claim_seq()                                             # 2 is claimed, then the producer dies
+    p.write_file('train', p.claim_seq())                      # 3, by another producer
+    folder = p.split_dir('train')
+    assert sorted(list_queue_files(folder, 'train')) == [0, 1, 3]
+    run_producer(cfg, max_files=0, progress=False, notes=False, fill_from=1)
+    files = list_queue_files(folder, 'train')
+    assert sorted(files) == [0, 1, 2, 3]
+    assert files[2].read_bytes() == p.serialize(p.make_file('train', 2), 'train', 2)  # the very bytes it would have had
