@@ -229,8 +229,10 @@ def run_row(base: dict, row: StudyRow, sc: StudyConfig, study_dir: Path, study: 
     row_dir = Path(study_dir) / 'rows' / row.name
     if (row_dir / 'result.json').is_file():
         r = json.loads((row_dir / 'result.json').read_text())
-        if r.get('settings') != row_settings(base, row, sc):
-            print(f'[study] row {row.name}: its result was made with other settings; delete {row_dir} to run it again', flush=True)
+        if r.get('settings') != row_settings(base, row, sc):  # never passes for a row of this study: recorded as failed
+            why = f'its result was made with other settings; delete {row_dir} to run it again'
+            print(f'[study] row {row.name}: {why}', flush=True)
+            return {'row': row.name, 'overrides': ' '.join(row.overrides), 'status': 'failed', 'error': why, 'reused': True}
         return {**r, 'reused': True}
     row_dir.mkdir(parents=True, exist_ok=True)
     (row_dir / 'error.txt').unlink(missing_ok=True)
