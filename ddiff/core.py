@@ -14,7 +14,7 @@ import torch, yaml
 __all__ = ['TMP_PREFIX', 'HOST_TAG', 'DDiffError', 'ConfigError', 'stable_seed', 'make_generator', 'resolve_device',
            'project_root', 'data_root', 'outputs_root', 'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json',
            'pid_alive', 'temp_file_writer', 'remove_stale_temp_files', 'check_writable', 'parse_yaml', 'load_yaml',
-           'parse_override', 'apply_overrides', 'dataclass_from_dict', 'check_positive', 'check_fraction']
+           'parse_override', 'dataclass_from_dict', 'check_positive', 'check_fraction']
 
 # %% ../nbs/00_core.ipynb #c005
 class DDiffError(ValueError):
@@ -201,23 +201,6 @@ def _as_number(value: Any) -> Any:
         except ValueError: return value
     return value
 
-def apply_overrides(cfg: dict, overrides: typing.Iterable[str] = (), allowed: dict | None = None) -> dict:
-    "A copy of nested `cfg` with each `key=value` override applied; keys must exist in `allowed` (default: `cfg`)."
-    import copy
-    out = copy.deepcopy(cfg)
-    allowed = out if allowed is None else allowed
-    for text in overrides:
-        keys, value = parse_override(text)
-        node, ref = out, allowed
-        for i, k in enumerate(keys):
-            if not isinstance(ref, dict) or k not in ref:
-                options = sorted(ref) if isinstance(ref, dict) else []
-                raise ConfigError(f"unknown config key {'.'.join(keys[:i+1])!r}; allowed here: {', '.join(map(str, options)) or '(none)'}")
-            if i == len(keys) - 1: node[k] = value
-            else:
-                node = node.setdefault(k, {})
-                ref = ref[k]
-    return out
 
 # %% ../nbs/00_core.ipynb #c022
 def _type_ok(value: Any, tp: Any) -> bool:

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import yaml
 
-from .core import (ConfigError, DDiffError, apply_overrides, atomic_write_json, atomic_write_text,
+from .core import (ConfigError, DDiffError, atomic_write_json, atomic_write_text,
                         check_positive, dataclass_from_dict, load_yaml, outputs_root, project_root)
 
 # %% auto #0

@@ -10,7 +10,7 @@ from typing import Iterable
 
 import torch, yaml
 
-from .core import (DDiffError, ConfigError, load_yaml, parse_yaml, apply_overrides, dataclass_from_dict, project_root,
+from .core import (DDiffError, ConfigError, load_yaml, parse_yaml, dataclass_from_dict, project_root,
                         check_writable, remove_stale_temp_files)
 from .providers import DataConfig, make_provider, validate_data_config, queue_dir
 
