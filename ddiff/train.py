@@ -205,6 +205,12 @@ def setup_run(cfg: dict | str | os.PathLike, overrides: list[str] | tuple = ()) 
         remove_stale_temp_files(out)  # a checkpoint write cut short by kill -9
     return Run(rc, recipe, out, info, device, amp, want=recipe.data_meta(dc))
 
+def _unserved_from(ckpt: dict | None) -> int | None:
+    "The first train file number a resumed single-process run has never read (a gap from there on is a lost file), else None."
+    states = (ckpt or {}).get('consumer_state') or []
+    if len(states) != 1 or not isinstance(states[0], dict) or states[0].get('seq') is None: return None  # fresh, DDP or no position
+    return max([states[0]['seq'], *states[0].get('served', [])]) + 1  # files up to here were read, some already deleted
+
 def start_data(run: Run, fresh: bool, fill_from: int | None = None):
     "Refuse a queue made with other settings, reset the train split of a fresh run and start the producer (rank 0)."
     if run.recipe.provider is None: return None  # the recipe reads the corpus itself
@@ -442,8 +448,7 @@ def train(cfg: dict | str | os.PathLike,  # nested config dict, or a YAML file p
     if tc.resume and ckpt is None and info.is_main: print(f'ddiff train: no checkpoint in {run.out}; starting from scratch', file=sys.stderr)
     producer = data = None
     try:
-        seqs = [s.get('seq') for s in (ckpt or {}).get('consumer_state') or [] if isinstance(s, dict) and s.get('seq') is not None]
-        producer = start_data(run, fresh=ckpt is None, fill_from=min(seqs) if seqs else None)
+        producer = start_data(run, fresh=ckpt is None, fill_from=_unserved_from(ckpt))
         data, run.meta, run.val = run.recipe.open_data(run.dc, tc, info, run.device, producer, run.want)
         st, model = build_state(run, data, ckpt)
         _prepare_out(run, ckpt)
