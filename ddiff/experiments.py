@@ -212,18 +212,26 @@ def _approx_params(model: dict) -> int:
     mc = dataclass_from_dict(ModelConfig, model or {}, 'model')
     return 12 * mc.n_layer * mc.n_embd ** 2
 
+def _training_seconds(cfg: dict, overrides: list | tuple = ()) -> float:
+    "Rough CPU seconds to train the config's data/model/train sections with `section.key=value` overrides."
+    from ddiff.config import load_config
+    rc = load_config({s: cfg.get(s) or {} for s in ('data', 'model', 'train')}, list(overrides))
+    tokens = rc.train.grad_accum * rc.data.batch_size * rc.data.block_size * rc.train.max_steps
+    return SECONDS_PER_TOKEN_PARAM * tokens * 12 * rc.model.n_layer * rc.model.n_embd ** 2
+
 def estimate_minutes(cfg: dict) -> float:
-    "Rough minutes of an experiment on 2 CPU cores: training, the judge, and ~30 s of start-up and sampling."
-    from ddiff.providers import DataConfig
-    from ddiff.train import TrainConfig
-    dc = dataclass_from_dict(DataConfig, cfg.get('data') or {}, 'data')
-    tc = dataclass_from_dict(TrainConfig, cfg.get('train') or {}, 'train')
-    kind = (cfg.get('experiment') or {}).get('kind', 'quickstart')
-    step_s = SECONDS_PER_TOKEN_PARAM * tc.grad_accum * dc.batch_size * dc.block_size * _approx_params(cfg.get('model'))
-    steps = tc.max_steps if 'train_evaluate' in EXPERIMENT_KINDS[kind] else 0
-    if 'sample_score' in EXPERIMENT_KINDS[kind] and not (cfg.get('experiment') or {}).get('judge'):
-        steps += int((cfg.get('experiment') or {}).get('judge_steps') or 0)
-    return (steps * step_s + 30) / 60
+    "Rough minutes of an experiment on 2 CPU cores: training (every study row, the judge), and ~30 s of start-up and sampling each."
+    exp = cfg.get('experiment') or {}
+    kind = exp.get('kind', 'quickstart')
+    if kind == 'study':  # every row trains, then the judge (unless one is given)
+        st = exp.get('study') or {}
+        runs = [r.get('overrides') or [] for r in st.get('rows') or [] if isinstance(r, dict)]
+        runs += [] if st.get('judge') else [['data.recipe=autoregressive', *(st.get('judge_overrides') or [])]]
+        return sum(_training_seconds(cfg, o) + 30 for o in runs) / 60
+    s = _training_seconds(cfg) if 'train_evaluate' in EXPERIMENT_KINDS[kind] else 0.0
+    if 'sample_score' in EXPERIMENT_KINDS[kind] and not exp.get('judge') and exp.get('judge_steps'):
+        s += _training_seconds(cfg, ['data.recipe=autoregressive', f"train.max_steps={int(exp['judge_steps'])}"])
+    return (s + 30) / 60
 
 def describe_plan(cfg: dict, run_dir: Path) -> str:
     "What `ddiff run` is about to do, in a few lines, with a rough duration."

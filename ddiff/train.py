@@ -343,12 +343,13 @@ def evaluate_and_save(run: Run, st: TrainState, elapsed_s: float) -> dict:
 
 # %% ../nbs/17_train.ipynb #c028a
 @contextlib.contextmanager
-def stop_on_signals(flag: dict):
-    "Inside the block SIGINT and SIGTERM set `flag['signal']` (the loop stops at the next step); a second one aborts."
+def stop_on_signals(flag: dict, at_once: bool = False):
+    "Inside the block SIGINT and SIGTERM set `flag['signal']` (the loop stops at the next step; `at_once`: raise KeyboardInterrupt now); a second one aborts."
     if threading.current_thread() is not threading.main_thread(): yield flag; return  # handlers work in the main thread only
     def handler(signum, frame):
         if flag.get('signal'): raise KeyboardInterrupt  # asked twice: stop now
         flag['signal'] = signal.Signals(signum).name
+        if at_once: raise KeyboardInterrupt  # nothing to finish (the final evaluation writes nothing until it is done)
         print(f"\nddiff train: {flag['signal']} received: stopping after this step (send it again to abort)", file=sys.stderr)
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try: yield flag
@@ -438,6 +439,15 @@ def _prepare_out(run: Run, ckpt: dict | None) -> None:
         for p in old: p.unlink(missing_ok=True)
     (run.out / 'config.json').write_text(json.dumps(run.rc.to_dict(), indent=2))  # loads again with load_config
 
+def _final_eval_or_stop(run: Run, st: TrainState) -> dict:
+    "`final_eval`, or {'stopped': signal name} when SIGINT/SIGTERM arrives during it (the checkpoints are already complete)."
+    with stop_on_signals({}, at_once=True) as flag:
+        try: return final_eval(run, st)
+        except KeyboardInterrupt:
+            if not flag.get('signal'): raise
+            print(f"ddiff train: {flag['signal']} received during the final evaluation; it runs again on resume", file=sys.stderr)
+            return {'stopped': flag['signal']}
+
 def train(cfg: dict | str | os.PathLike,  # nested config dict, or a YAML file path
           overrides: list[str] | tuple = (),  # 'section.key=value' strings
          ) -> dict:
@@ -460,9 +470,11 @@ def train(cfg: dict | str | os.PathLike,  # nested config dict, or a YAML file p
                   'best': str(run.out / BEST) if tc.checkpoint and (run.out / BEST).is_file() else None,
                   'world_size': info.world_size, 'ranks': ranks, 'n_params': st.model.num_params(), 'recipe': run.recipe.name}
         if tc.final_eval and info.is_main and loop['stopped'] in ('max_steps', 'max_minutes'):
-            fin = final_eval(run, st)
-            run.metrics.log({'step': st.step, 'split': 'final', **fin})
-            result['metrics'].update(fin)
+            fin = _final_eval_or_stop(run, st)
+            if 'stopped' in fin: result['stopped'] = fin['stopped']  # a resumed run (train.resume=true) evaluates again
+            else:
+                run.metrics.log({'step': st.step, 'split': 'final', **fin})
+                result['metrics'].update(fin)
         if info.is_main: (run.out / 'result.json').write_text(json.dumps(result, indent=2, default=str))
         return result
     finally:

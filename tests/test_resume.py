@@ -93,3 +93,31 @@ def test_a_number_claimed_by_a_killed_producer_is_rewritten_on_resume(tmp_path, 
     files = list_queue_files(folder, 'train')
     assert sorted(files) == [0, 1, 2, 3]
     assert files[2].read_bytes() == p.serialize(p.make_file('train', 2), 'train', 2)  # the very bytes it would have had
+
+
+INTERRUPT_FINAL_EVAL = """
+import os, signal, sys, time
+import ddiff.train as T
+def final_eval(run, st):
+    os.kill(os.getpid(), signal.SIGTERM); time.sleep(60)
+    raise SystemExit('the signal did not stop the final evaluation')
+T.final_eval = final_eval
+sys.exit(T.main(sys.argv[1:]))
+"""
+
+
+def test_a_signal_during_the_final_evaluation_stops_it_and_a_resumed_run_evaluates(tmp_path):
+    "SIGTERM while the final evaluation runs: exit 143 at once with complete checkpoints and no final row; resuming only evaluates."
+    out, env = tmp_path / 'run', _env(tmp_path)
+    args = [str(ROOT / 'configs' / 'tiny.yaml'), 'train.max_steps=4', 'train.eval_interval=2', 'train.progress=false',
+            'eval.n_windows=4', f'train.out_dir={out}']
+    res = subprocess.run([sys.executable, '-c', INTERRUPT_FINAL_EVAL, *args], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode == 128 + signal.SIGTERM, res.stderr[-3000:]
+    assert 'during the final evaluation' in res.stderr and 'resume with train.resume=true' in res.stderr
+    rows = [json.loads(l) for l in (out / 'metrics.jsonl').read_text().splitlines() if l.strip()]
+    assert max(r['step'] for r in rows) == 4 and not any(r['split'] == 'final' for r in rows)
+    res = subprocess.run([sys.executable, '-m', 'ddiff.cli', 'train', *args, 'train.resume=true'], env=env, capture_output=True,
+                         text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(l) for l in (out / 'metrics.jsonl').read_text().splitlines() if l.strip()]
+    assert [r['split'] for r in rows].count('final') == 1 and [r['step'] for r in rows if r['split'] == 'train'][-1] == 4
