@@ -15,7 +15,7 @@ from .core import (DDiffError, ConfigError, load_yaml, parse_yaml, dataclass_fro
 from .providers import DataConfig, make_provider, validate_data_config, queue_dir
 
 # %% auto #0
-__all__ = ['data_config', 'fill_gaps', 'run_producer', 'main', 'start_producer_process']
+__all__ = ['data_config', 'train_gaps', 'fill_gaps', 'run_producer', 'main', 'start_producer_process']
 
 # %% ../nbs/14_prepare.ipynb #c005
 def data_config(config: str | os.PathLike | dict, # YAML path, '-' or a config dict
@@ -41,14 +41,17 @@ def _prepare_queue(p, notes: bool) -> None:
     p.init_queue()
     p.write_val_files()
 
-def fill_gaps(p, start: int) -> list[int]:
-    "Write the train files numbered from `start` up to the counter that neither wait nor were served: numbers a killed producer claimed but never wrote."
+def train_gaps(folder: Path, start: int) -> list[int]:
+    "Train file numbers from `start` up to the counter of split folder `folder` that neither wait nor were served: claimed but never written."
     from ddiff.consumer import list_queue_files
-    folder = p.split_dir('train')
     try: end = int((folder / '.seq').read_text().strip() or 0)
     except (OSError, ValueError): return []
     have = set(list_queue_files(folder, 'train')) | set(list_queue_files(folder / 'consumed', 'train'))
-    missing = [s for s in range(start, end) if s not in have]
+    return [s for s in range(start, end) if s not in have]
+
+def fill_gaps(p, start: int) -> list[int]:
+    "Write the train files numbered from `start` up to the counter that neither wait nor were served: numbers a killed producer claimed but never wrote."
+    missing = train_gaps(p.split_dir('train'), start)
     for s in missing: p.write_file('train', s)  # files depend only on (seed, split, seq): the same bytes as the lost ones
     return missing
 

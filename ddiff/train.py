@@ -10,16 +10,17 @@ from typing import Any
 
 import torch
 
-from .core import (ConfigError, DDiffError, check_positive, check_writable, make_generator, outputs_root, project_root,
-                        remove_stale_temp_files, resolve_device, stable_seed)
+from .core import (ConfigError, DDiffError, atomic_write_bytes, check_positive, check_writable, make_generator, outputs_root,
+                        pid_alive, project_root, remove_stale_temp_files, resolve_device, stable_seed)
 from .checkpoint import BEST, LAST, check_compatible, load_checkpoint, save_checkpoint
 from .recipes import add_stats, get_recipe, summarize
 
 # %% auto #0
-__all__ = ['AUTOCAST_DTYPES', 'TrainConfig', 'validate_train_config', 'lr_at', 'DistInfo', 'setup_distributed', 'read_metrics',
-           'Run', 'TrainState', 'setup_run', 'start_data', 'stop_data', 'build_state', 'restore_state', 'save_state',
-           'evaluate_batches', 'train_step', 'evaluate_and_save', 'stop_on_signals', 'log_train', 'train_loop',
-           'final_eval', 'train', 'main', 'scratch_dirs']
+__all__ = ['AUTOCAST_DTYPES', 'PRODUCER_PID', 'TrainConfig', 'validate_train_config', 'lr_at', 'DistInfo', 'setup_distributed',
+           'read_metrics', 'Run', 'TrainState', 'setup_run', 'wait_for_earlier_producer', 'fill_lost_files',
+           'start_data', 'stop_data', 'build_state', 'restore_state', 'save_state', 'evaluate_batches', 'train_step',
+           'evaluate_and_save', 'stop_on_signals', 'log_train', 'train_loop', 'final_eval', 'train', 'main',
+           'scratch_dirs']
 
 # %% ../nbs/17_train.ipynb #c006
 AUTOCAST_DTYPES = {'none': None, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
@@ -208,8 +209,34 @@ def setup_run(cfg: dict | str | os.PathLike, overrides: list[str] | tuple = ()) 
 def _unserved_from(ckpt: dict | None) -> int | None:
     "The first train file number a resumed single-process run has never read (a gap from there on is a lost file), else None."
     states = (ckpt or {}).get('consumer_state') or []
-    if len(states) != 1 or not isinstance(states[0], dict) or states[0].get('seq') is None: return None  # fresh, DDP or no position
-    return max([states[0]['seq'], *states[0].get('served', [])]) + 1  # files up to here were read, some already deleted
+    if len(states) != 1 or not isinstance(states[0], dict): return None  # fresh or DDP
+    read = [s for s in [states[0].get('seq'), *(states[0].get('served') or [])] if s is not None]
+    return max(read) + 1 if read else None  # files up to here were read, some already deleted
+
+PRODUCER_PID = 'producer.pid'  # in the run folder: the producer the run started
+
+def _is_producer(pid: int) -> bool:
+    "Whether process `pid` runs and is a ddiff producer (where /proc tells; elsewhere: whether it runs)."
+    if not pid_alive(pid): return False
+    try: return b'ddiff.prepare' in Path(f'/proc/{pid}/cmdline').read_bytes()
+    except FileNotFoundError: return False  # gone meanwhile
+    except OSError: return True
+
+def wait_for_earlier_producer(out: Path, timeout: float = 60.0) -> None:
+    "Wait for the producer of an earlier run in `out` (after `kill -9` it runs on until it notices, within one file), so that one producer writes at a time."
+    try: pid = int((out / PRODUCER_PID).read_text())
+    except (OSError, ValueError): return
+    deadline = time.time() + timeout
+    while _is_producer(pid):
+        if time.time() > deadline:
+            print(f'ddiff train: the producer of an earlier run (pid {pid}) is still running; continuing beside it', file=sys.stderr); return
+        time.sleep(0.05)
+
+def fill_lost_files(dc, q: Path, start: int) -> list[int]:
+    "Write the train files from number `start` on that a killed producer claimed but never wrote, before any is read (else later files would be served first)."
+    from ddiff.prepare import fill_gaps, train_gaps
+    from ddiff.providers import make_provider
+    return fill_gaps(make_provider(dc), start) if train_gaps(q / 'train', start) else []
 
 def start_data(run: Run, fresh: bool, fill_from: int | None = None):
     "Refuse a queue made with other settings, reset the train split of a fresh run and start the producer (rank 0)."
@@ -221,9 +248,12 @@ def start_data(run: Run, fresh: bool, fill_from: int | None = None):
         if run.tc.producer == 'auto':
             from ddiff.prepare import start_producer_process
             check_writable(q, 'DDIFF_DATA or data.dataset')
+            wait_for_earlier_producer(run.out)  # two producers would write files out of order
             if fresh: reset_train_split(q)  # a fresh run reads the stream from seq 0: same seed, same run
-            producer = start_producer_process({'data': dataclasses.asdict(run.dc)}, fill_from=fill_from,
-                                              start_new_session=True)  # Ctrl-C in a terminal stops the trainer, which stops it
+            elif fill_from is not None: fill_lost_files(run.dc, q, fill_from)
+            producer = start_producer_process({'data': dataclasses.asdict(run.dc)}, start_new_session=True)  # Ctrl-C in a terminal stops the trainer, which stops it
+            run.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(run.out / PRODUCER_PID, f'{producer.pid}\n'.encode())
     if run.info.enabled:
         import torch.distributed as dist
         dist.barrier()  # no rank reads the queue before rank 0 has reset it
@@ -373,6 +403,7 @@ def log_train(run: Run, st: TrainState, acc: dict, wait: float, since: float, to
     tot = _all_sum(torch.stack([torch.as_tensor(acc[k]).float() for k in keys]), run.info)
     row = {'step': st.step, 'split': 'train', **summarize(dict(zip(keys, tot.tolist())), 'train'), 'lr': lr_at(st.step - 1, run.tc),
            'tokens': st.step * tokens_per_step, 'elapsed_s': round(elapsed_s, 3), 'data_wait_share': round(wait / max(1e-9, time.time() - since), 4)}
+    if getattr(st.data, 'last_seq', None) is not None: row['file'] = st.data.last_seq  # the queue file of the step's last batch
     run.metrics.log(row)
     return row
 
