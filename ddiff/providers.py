@@ -143,7 +143,7 @@ def claim_seq(folder: Path) -> int:
         if text:
             if not text.isdigit(): raise DDiffError(f"sequence counter {str(folder / '.seq')!r} holds {text[:20]!r}; delete it to continue numbering after the files present")
             seq = int(text)
-        else: seq = max(list_queue_files(folder, 'train'), default=-1) + 1
+        else: seq = max([*list_queue_files(folder, 'train'), *list_queue_files(folder / 'consumed', 'train')], default=-1) + 1
         f.seek(0); f.truncate(); f.write(f'{seq + 1}\n'); f.flush(); os.fsync(f.fileno())
     return seq
 

@@ -136,7 +136,7 @@ class _Metrics:
         path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and path.exists():
             self.rows = [r for r in read_metrics(path) if r.get('step', 0) <= resume_step and r.get('split') != 'final']
-        path.write_text(''.join(json.dumps(r) + '\n' for r in self.rows))
+        atomic_write_bytes(path, ''.join(json.dumps(r) + '\n' for r in self.rows).encode())  # a kill here keeps the old log
     def log(self, row: dict) -> None:
         self.rows.append(row)
         if self.enabled:
@@ -218,6 +218,7 @@ PRODUCER_PID = 'producer.pid'  # in the run folder: the producer the run started
 def _is_producer(pid: int) -> bool:
     "Whether process `pid` runs and is a ddiff producer (where /proc tells; elsewhere: whether it runs)."
     if not pid_alive(pid): return False
+    if not Path('/proc/self').exists(): return True  # no /proc (macOS): a live pid is taken for the producer
     try: return b'ddiff.prepare' in Path(f'/proc/{pid}/cmdline').read_bytes()
     except FileNotFoundError: return False  # gone meanwhile
     except OSError: return True
@@ -226,10 +227,15 @@ def wait_for_earlier_producer(out: Path, timeout: float = 60.0) -> None:
     "Wait for the producer of an earlier run in `out` (after `kill -9` it runs on until it notices, within one file), so that one producer writes at a time."
     try: pid = int((out / PRODUCER_PID).read_text())
     except (OSError, ValueError): return
-    deadline = time.time() + timeout
+    deadline, asked = time.time() + timeout, False
     while _is_producer(pid):
-        if time.time() > deadline:
-            print(f'ddiff train: the producer of an earlier run (pid {pid}) is still running; continuing beside it', file=sys.stderr); return
+        if time.time() > deadline and not asked:  # it should have noticed by now: ask it to stop after its current file
+            print(f'ddiff train: the producer of an earlier run (pid {pid}) is still running; stopping it', file=sys.stderr)
+            try: os.kill(pid, signal.SIGTERM)
+            except OSError: return
+            deadline, asked = time.time() + timeout, True
+        elif time.time() > deadline:
+            raise DDiffError(f"the producer of an earlier run (pid {pid}) did not stop; stop it (kill {pid}) before resuming in {out}")
         time.sleep(0.05)
 
 def fill_lost_files(dc, q: Path, start: int) -> list[int]:
@@ -408,15 +414,15 @@ def log_train(run: Run, st: TrainState, acc: dict, wait: float, since: float, to
     return row
 
 # %% ../nbs/17_train.ipynb #c028b
-def train_loop(run: Run, st: TrainState, model: torch.nn.Module) -> dict:
-    "Step until max_steps, the time budget or a signal; log, evaluate and checkpoint on the way."
+def train_loop(run: Run, st: TrainState, model: torch.nn.Module, flag: dict | None = None) -> dict:
+    "Step until max_steps, the time budget or a signal (noted in `flag`); log, evaluate and checkpoint on the way."
     from tqdm.auto import tqdm
     tc, info = run.tc, run.info
     bar = tqdm(total=tc.max_steps, initial=st.step, disable=not (tc.progress and info.is_main), dynamic_ncols=True, desc=tc.name)
     tokens_per_step = tc.grad_accum * run.dc.batch_size * run.dc.block_size * info.world_size
     t_start = t_log = time.time(); acc, wait, stopped, last_val, timer, files = None, 0.0, 'max_steps', {}, _Timer(), set()
     model.train()
-    with stop_on_signals({}) as flag:
+    with stop_on_signals({} if flag is None else flag) as flag:
         while st.step < tc.max_steps:
             over = tc.max_minutes is not None and time.time() - t_start > 60 * tc.max_minutes
             why = _broadcast(flag.get('signal') or ('max_minutes' if over else None), info)
@@ -488,31 +494,33 @@ def train(cfg: dict | str | os.PathLike,  # nested config dict, or a YAML file p
     ckpt = load_checkpoint(run.out / LAST) if tc.resume and (run.out / LAST).is_file() else None
     if tc.resume and ckpt is None and info.is_main: print(f'ddiff train: no checkpoint in {run.out}; starting from scratch', file=sys.stderr)
     producer = data = None
-    try:
-        producer = start_data(run, fresh=ckpt is None, fill_from=_unserved_from(ckpt))
-        data, run.meta, run.val = run.recipe.open_data(run.dc, tc, info, run.device, producer, run.want)
-        st, model = build_state(run, data, ckpt)
-        _prepare_out(run, ckpt)
-        loop = train_loop(run, st, model)
-        ranks = _gather({'rank': info.rank, 'files': loop['files'], 'consumer_state': st.data.state_dict()}, info)
-        result = {'out_dir': str(run.out), 'name': tc.name, 'step': st.step, 'planned_steps': tc.max_steps, 'stopped': loop['stopped'],
-                  'elapsed_s': loop['elapsed_s'], 'best_val_loss': st.best, 'metrics': dict(loop['val']), 'timing': loop['timing'],
-                  'last': str(run.out / LAST) if tc.checkpoint and (run.out / LAST).is_file() else None,
-                  'best': str(run.out / BEST) if tc.checkpoint and (run.out / BEST).is_file() else None,
-                  'world_size': info.world_size, 'ranks': ranks, 'n_params': st.model.num_params(), 'recipe': run.recipe.name}
-        if tc.final_eval and info.is_main and loop['stopped'] in ('max_steps', 'max_minutes'):
-            fin = _final_eval_or_stop(run, st)
-            if 'stopped' in fin: result['stopped'] = fin['stopped']  # a resumed run (train.resume=true) evaluates again
-            else:
-                run.metrics.log({'step': st.step, 'split': 'final', **fin})
-                result['metrics'].update(fin)
-        if info.is_main: (run.out / 'result.json').write_text(json.dumps(result, indent=2, default=str))
-        return result
-    finally:
-        stop_data(data, producer)
-        if info.enabled:
-            import torch.distributed as dist
-            if dist.is_initialized(): dist.destroy_process_group()
+    with contextlib.ExitStack() as after:
+        try:
+            producer = start_data(run, fresh=ckpt is None, fill_from=_unserved_from(ckpt))
+            data, run.meta, run.val = run.recipe.open_data(run.dc, tc, info, run.device, producer, run.want)
+            st, model = build_state(run, data, ckpt)
+            _prepare_out(run, ckpt)
+            flag = after.enter_context(stop_on_signals({}))  # from here until the producer is stopped a signal is noted, never fatal
+            loop = train_loop(run, st, model, flag)
+            ranks = _gather({'rank': info.rank, 'files': loop['files'], 'consumer_state': st.data.state_dict()}, info)
+            result = {'out_dir': str(run.out), 'name': tc.name, 'step': st.step, 'planned_steps': tc.max_steps, 'stopped': loop['stopped'],
+                      'elapsed_s': loop['elapsed_s'], 'best_val_loss': st.best, 'metrics': dict(loop['val']), 'timing': loop['timing'],
+                      'last': str(run.out / LAST) if tc.checkpoint and (run.out / LAST).is_file() else None,
+                      'best': str(run.out / BEST) if tc.checkpoint and (run.out / BEST).is_file() else None,
+                      'world_size': info.world_size, 'ranks': ranks, 'n_params': st.model.num_params(), 'recipe': run.recipe.name}
+            if tc.final_eval and info.is_main and loop['stopped'] in ('max_steps', 'max_minutes'):
+                fin = {'stopped': flag['signal']} if flag.get('signal') else _final_eval_or_stop(run, st)  # a signal in the last step: stop
+                if 'stopped' in fin: result['stopped'] = fin['stopped']  # a resumed run (train.resume=true) evaluates again
+                else:
+                    run.metrics.log({'step': st.step, 'split': 'final', **fin})
+                    result['metrics'].update(fin)
+            if info.is_main: atomic_write_bytes(run.out / 'result.json', json.dumps(result, indent=2, default=str).encode())
+            return result
+        finally:
+            stop_data(data, producer)
+            if info.enabled:
+                import torch.distributed as dist
+                if dist.is_initialized(): dist.destroy_process_group()
 
 # %% ../nbs/17_train.ipynb #c029
 def main(argv: list[str] | None = None) -> int:

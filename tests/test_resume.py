@@ -101,7 +101,8 @@ def test_a_number_claimed_by_a_killed_producer_is_rewritten_on_resume(tmp_path, 
     assert files[2].read_bytes() == p.serialize(p.make_file('train', 2), 'train', 2)  # the very bytes it would have had
 
 
-INTERRUPT_FINAL_EVAL = """
+INTERRUPT = {  # a SIGTERM to the trainer itself, during the final evaluation or during the last step's checkpoint
+    'final evaluation': """
 import os, signal, sys, time
 import ddiff.train as T
 def final_eval(run, st):
@@ -109,17 +110,28 @@ def final_eval(run, st):
     raise SystemExit('the signal did not stop the final evaluation')
 T.final_eval = final_eval
 sys.exit(T.main(sys.argv[1:]))
-"""
+""",
+    'last step': """
+import os, signal, sys
+import ddiff.train as T
+save = T.evaluate_and_save
+def evaluate_and_save(run, st, elapsed):
+    if st.step == run.tc.max_steps: os.kill(os.getpid(), signal.SIGTERM)
+    return save(run, st, elapsed)
+T.evaluate_and_save = evaluate_and_save
+sys.exit(T.main(sys.argv[1:]))
+"""}
 
 
-def test_a_signal_during_the_final_evaluation_stops_it_and_a_resumed_run_evaluates(tmp_path):
-    "SIGTERM while the final evaluation runs: exit 143 at once with complete checkpoints and no final row; resuming only evaluates."
+@pytest.mark.parametrize('when', list(INTERRUPT))
+def test_a_signal_at_the_end_stops_before_the_final_evaluation_and_a_resumed_run_evaluates(tmp_path, when):
+    "SIGTERM in the last step or during the final evaluation: exit 143 with complete checkpoints and no final row; resuming only evaluates."
     out, env = tmp_path / 'run', _env(tmp_path)
     args = [str(ROOT / 'configs' / 'tiny.yaml'), 'train.max_steps=4', 'train.eval_interval=2', 'train.progress=false',
             'eval.n_windows=4', f'train.out_dir={out}']
-    res = subprocess.run([sys.executable, '-c', INTERRUPT_FINAL_EVAL, *args], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    res = subprocess.run([sys.executable, '-c', INTERRUPT[when], *args], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert res.returncode == 128 + signal.SIGTERM, res.stderr[-3000:]
-    assert 'during the final evaluation' in res.stderr and 'resume with train.resume=true' in res.stderr
+    assert 'resume with train.resume=true' in res.stderr and ('during the final evaluation' in res.stderr) == (when == 'final evaluation')
     rows = [json.loads(l) for l in (out / 'metrics.jsonl').read_text().splitlines() if l.strip()]
     assert max(r['step'] for r in rows) == 4 and not any(r['split'] == 'final' for r in rows)
     res = subprocess.run([sys.executable, '-m', 'ddiff.cli', 'train', *args, 'train.resume=true'], env=env, capture_output=True,
@@ -139,3 +151,7 @@ def test_a_resumed_run_waits_for_the_producer_of_the_killed_one(tmp_path, capsys
     (tmp_path / PRODUCER_PID).write_text(f'{os.getpid()}\n')  # a live process that is not a producer (a reused pid) is not waited for
     wait_for_earlier_producer(tmp_path, timeout=0.5)
     assert 'still running' not in capsys.readouterr().err
+    stuck = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)', 'ddiff.prepare'])  # one that does not notice
+    (tmp_path / PRODUCER_PID).write_text(f'{stuck.pid}\n')
+    wait_for_earlier_producer(tmp_path, timeout=0.5)  # asked to stop (SIGTERM) after the timeout, then waited for
+    assert stuck.wait(timeout=10) == -signal.SIGTERM and 'stopping it' in capsys.readouterr().err
