@@ -18,7 +18,8 @@ __all__ = ['BUDGET_KNOB', 'ROW_COLS', 'SAMPLE_COLS', 'StudyRow', 'StudyConfig', 
            'check_equal_compute', 'sample_ar', 'finished_training', 'judge_config', 'judge_dir', 'ensure_judge',
            'load_judge', 'row_samplers', 'draw_samples', 'entropy_low', 'score_row_samples', 'row_dataset',
            'row_overrides', 'row_settings', 'run_row', 'run_study', 'flat_rows', 'markdown_tables', 'write_results',
-           'plot_bpc', 'plot_judge_vs_evals', 'plot_judge_vs_entropy', 'write_samples_md']
+           'plot_bpc', 'plot_judge_vs_evals', 'plot_judge_vs_entropy', 'write_samples_md', 'best_samples',
+           'write_report']
 
 # %% ../nbs/22a_study.ipynb #s005
 @dataclasses.dataclass
@@ -328,7 +329,8 @@ def _cell(v: Any) -> str:
 def markdown_tables(study: dict) -> str:
     "The likelihood table (one line per row) and the samples table, in markdown."
     j = study['judge']
-    md = [f"Judge: an AR model with {j['bpc']:.3f} bits/char on the validation text ({j['checkpoint']}). Validation unigram entropy {study['val_entropy']:.3f} bits.", '',
+    where = '/'.join(Path(j['checkpoint']).parts[-3:-1])  # judges/<corpus-sha-settings>: no path of this machine
+    md = [f"Judge: an AR model with {j['bpc']:.3f} bits/char on the validation text ({where}). Validation unigram entropy {study['val_entropy']:.3f} bits.", '',
           '| row | recipe | bits/char | ± SE | kind | steps | train chars | train s | status |', '|---|---|---|---|---|---|---|---|---|']
     beat = [r['row'] for r in study['rows'] if r['status'] == 'complete' and r['bpc'] <= j['bpc']]
     if beat: md.insert(1, f"**The judge is not stronger than every row** ({', '.join(beat)} reach its bits/char or better): train it bigger or longer (experiment.study.judge_overrides).")
@@ -410,3 +412,37 @@ def write_samples_md(study: dict, study_dir: str | Path, n: int = 2) -> Path:
             texts = [x['text'] for x in recs if x['sampler'] == label and x['model_evals'] == top][:n]
             out += [f"## {r['row']} · {label} · {top} model evaluations", '', '```', *[t.rstrip() + '\n' for t in texts], '```', '']
     return atomic_write_text(Path(study_dir) / 'samples.md', '\n'.join(out))
+
+# %% ../nbs/22a_study.ipynb #s036
+def best_samples(study: dict, max_evals: int = 64) -> dict | None:
+    "The diffusion sample set with the lowest judge bits/char at <= `max_evals` evaluations and unflagged entropy, against the AR samples."
+    ar = [s for r in study['rows'] if r['status'] == 'complete' for s in r['samples'] if s['sampler'] == 'ar' and 'judge_bpc' in s]
+    ok = [dict(row=r['row'], **s) for r in study['rows'] if r['status'] == 'complete' for s in r['samples']
+          if s['sampler'] != 'ar' and s['model_evals'] <= max_evals and 'judge_bpc' in s and not s['entropy_low']]
+    if not ok: return None
+    b = min(ok, key=lambda s: s['judge_bpc'])
+    out = {k: b[k] for k in ('row', 'sampler', 'model_evals', 'judge_bpc', 'unigram_entropy', 'val_unigram_entropy')}
+    if ar: out.update(ar_judge_bpc=ar[0]['judge_bpc'], ratio=b['judge_bpc'] / ar[0]['judge_bpc'], ar_entropy=ar[0]['unigram_entropy'])
+    return out
+
+def write_report(study: dict, study_dir: str | Path, max_evals: int = 64) -> Path:
+    "report.md: the verdict, the plots that exist, the tables (results.md) and a link to the samples."
+    d = Path(study_dir)
+    done = [r for r in study['rows'] if r['status'] == 'complete']
+    diff = [r for r in done if r['bpc_kind'] != 'exact']
+    md = [f"# Strategy study: {study.get('name', d.name)}", '',
+          f"{len(study['rows'])} strategies, each trained on {study['train_chars']:,} characters with the same model, evaluated on the "
+          f"validation text; samples scored by one AR judge ({study['judge']['bpc']:.3f} bits/char).", '']
+    if diff: md.append(f"- Best likelihood among the diffusion strategies: **{min(diff, key=lambda r: r['bpc'])['row']}** "
+                       f"({min(r['bpc'] for r in diff):.3f} bits/char)" + ''.join(f"; AR {r['bpc']:.3f} (exact), ratio {min(x['bpc'] for x in diff) / r['bpc']:.2f}" for r in done if r['bpc_kind'] == 'exact') + '.')
+    if (b := best_samples(study, max_evals)):
+        md.append(f"- Best samples at <= {max_evals} model evaluations: **{b['row']} / {b['sampler']}** at {b['model_evals']}: judge "
+                  f"{b['judge_bpc']:.3f} bits/char, unigram entropy {b['unigram_entropy']:.3f} (validation text {b['val_unigram_entropy']:.3f})"
+                  + (f"; the AR model's own samples {b['ar_judge_bpc']:.3f}, ratio {b['ratio']:.2f}." if 'ratio' in b else '.'))
+    md.append('')
+    for png, title in (('bpc_per_strategy.png', 'Likelihood'), ('judge_vs_evals.png', 'Judge bits/char against model evaluations'),
+                       ('judge_vs_entropy.png', 'Judge bits/char against unigram entropy')):
+        if (d / png).is_file(): md += [f'## {title}', '', f'![{title}]({png})', '']
+    if (d / 'results.md').is_file(): md += ['## Tables', '', (d / 'results.md').read_text(encoding='utf-8')]
+    if (d / 'samples.md').is_file(): md += ['', 'A few samples of each row: [samples.md](samples.md); every number: `results.csv`.']
+    return atomic_write_text(d / 'report.md', '\n'.join(md) + '\n')

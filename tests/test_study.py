@@ -40,8 +40,10 @@ def test_tiny_study_reuse_failure_and_judge(env):
     import papermill as pm
     with pytest.raises(pm.PapermillExecutionError, match=r'1 of \d+ study rows failed \(broken: ConfigError: train.lr=-1'):
         run_notebook(cfg, run)  # everything is written, then the notebook says which row failed
-    for f in ('study.ipynb', 'results.csv', 'results.md', 'bpc_per_strategy.png', 'judge_vs_evals.png', 'judge_vs_entropy.png', 'samples.md', 'metrics.json'):
+    for f in ('study.ipynb', 'results.csv', 'results.md', 'bpc_per_strategy.png', 'judge_vs_evals.png', 'judge_vs_entropy.png', 'samples.md', 'metrics.json', 'report.md'):
         assert (run / f).exists(), f
+    report = (run / 'report.md').read_text()
+    assert '![Likelihood](bpc_per_strategy.png)' in report and 'Best samples at <= 64' in report and str(env) not in report
     lines = list(csv.DictReader(open(run / 'results.csv')))
     status = {r['row']: r['status'] for r in lines}
     names = [r['name'] for r in cfg['experiment']['study']['rows']]
