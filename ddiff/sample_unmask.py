@@ -19,7 +19,7 @@ from .sample_edit import SampleResult, check_prompt_fits, merge_trajectories, mo
 __all__ = ['SELECTIONS', 'UnmaskConfig', 'masked_after', 'entropy', 'sample_unmask']
 
 # %% ../nbs/10_sample_unmask.ipynb #c004
-SELECTIONS = ('confidence', 'entropy')
+SELECTIONS = ('confidence', 'random', 'entropy')
 
 @dataclasses.dataclass
 class UnmaskConfig:
@@ -29,7 +29,7 @@ class UnmaskConfig:
     temperature: float = 1.0        # softmax temperature of every draw (> 0)
     top_k: int = 0                  # draw only among the k most likely characters (0: all)
     schedule: str = 'cosine'        # share of positions still masked after each step: linear | cosine
-    selection: str = 'confidence'   # confidence: commit the most confident per the schedule; entropy: threshold rule
+    selection: str = 'confidence'   # confidence: commit the most confident per the schedule; random: random ones (ancestral); entropy: threshold rule
     entropy_threshold: float = 1.0  # nats; with selection=entropy, commit/rewrite positions below it
     remask: bool = False            # re-mask the least confident committed characters after each step (ReMDM-style)
     remask_ratio: float = 0.05      # share of committed generated characters re-masked per step
@@ -89,9 +89,10 @@ def _unmask_batch(model, chars, cfg: UnmaskConfig, prompt_ids: list[int], rows: 
         n_masked = masked.sum(1)                                               # (B,)
         last = s == S
         rewrite = torch.zeros_like(masked)
-        if cfg.selection == 'confidence':
+        if cfg.selection in ('confidence', 'random'):
             k = (n_masked - masked_after(cfg.schedule, N, s, S)).clamp(min=1)
-            commit = topk_mask(conf, masked, k if not last else n_masked)
+            order = conf if cfg.selection == 'confidence' else row_uniform(gens, W, dev)[:, :L]  # random: independent of the draws
+            commit = topk_mask(order, masked, k if not last else n_masked)
         else:
             H = entropy(probs)                                                 # (B, L)
             k = n_masked if last else torch.ones_like(n_masked)
