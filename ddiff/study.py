@@ -17,9 +17,9 @@ from .sampling import allowed_ids, check_temperature, draw_tokens, row_generator
 __all__ = ['BUDGET_KNOB', 'ROW_COLS', 'SAMPLE_COLS', 'StudyRow', 'StudyConfig', 'study_config', 'train_chars',
            'check_equal_compute', 'sample_ar', 'finished_training', 'judge_config', 'judge_dir', 'ensure_judge',
            'load_judge', 'row_samplers', 'draw_samples', 'entropy_low', 'score_row_samples', 'row_dataset',
-           'row_overrides', 'row_settings', 'run_row', 'run_study', 'flat_rows', 'markdown_tables', 'write_results',
-           'plot_bpc', 'plot_judge_vs_evals', 'plot_judge_vs_entropy', 'write_samples_md', 'best_samples',
-           'write_report']
+           'row_overrides', 'row_settings', 'run_row', 'sample_row', 'run_study', 'flat_rows', 'markdown_tables',
+           'write_results', 'plot_bpc', 'plot_judge_vs_evals', 'plot_judge_vs_entropy', 'write_samples_md',
+           'best_samples', 'write_report']
 
 # %% ../nbs/22a_study.ipynb #s005
 @dataclasses.dataclass
@@ -171,7 +171,8 @@ def row_samplers(recipe) -> list[tuple[str, str, dict]]:
     if recipe.causal: return [('ar', 'ar', {})]
     if not recipe.samplers: return []
     out = [(recipe.samplers[0], recipe.samplers[0], {})]
-    if recipe.samplers[0] == 'unmask': out.append(('unmask+remask', 'unmask', {'remask': True}))
+    if recipe.samplers[0] == 'unmask':  # confidence order, with ReMDM re-masking, and the ancestral (random) order
+        out += [('unmask+remask', 'unmask', {'remask': True}), ('unmask-random', 'unmask', {'selection': 'random'})]
     return out
 
 def draw_samples(model: torch.nn.Module, chars: list[str], sampler: str, knobs: dict, evals: int, sc: StudyConfig) -> dict:
@@ -234,6 +235,8 @@ def run_row(base: dict, row: StudyRow, sc: StudyConfig, study_dir: Path, study: 
             why = f'its result was made with other settings; delete {row_dir} to run it again'
             print(f'[study] row {row.name}: {why}', flush=True)
             return {'row': row.name, 'overrides': ' '.join(row.overrides), 'status': 'failed', 'error': why, 'reused': True}
+        if r.get('status') == 'complete' and sample_row(r, row_dir, sc, judge, val_text):  # samplers added since it ran
+            atomic_write_json(row_dir / 'result.json', r)
         return {**r, 'reused': True}
     row_dir.mkdir(parents=True, exist_ok=True)
     (row_dir / 'error.txt').unlink(missing_ok=True)
@@ -269,18 +272,30 @@ def _run_row(base: dict, row: StudyRow, sc: StudyConfig, row_dir: Path, study: s
            'stopped': res['stopped'], 'train_chars': res['step'] * rc.train.grad_accum * rc.data.batch_size * rc.data.block_size,
            'n_params': res['n_params'], 'train_seconds': round(res['elapsed_s'], 1), 'bpc': ev['bpc'], 'bpc_stderr': ev.get('stderr', 0.0),
            'bpc_kind': ev['kind'], 'caveat': ev.get('caveat') or '', 'eval_seconds': round(time.time() - t0, 1), 'checkpoint': ckpt, 'settings': row_settings(base, row, sc), 'samples': []}
-    model, ck = load_model(ckpt, device=rc.train.device)
-    chars = ck['data_meta']['vocab']['chars']
-    lines = []
-    for label, sampler, knobs in row_samplers(get_recipe(rc.data.recipe)):
-        for n in ([sc.sample_length] if sampler == 'ar' else sc.evals):
-            print(f'[study] row {row.name}: sampling {label} at {n} model evaluations', flush=True)
-            d = draw_samples(model, chars, sampler, knobs, n, sc)
-            out['samples'].append({'sampler': label, 'model_evals': d['model_evals'], 'sample_seconds': round(d['seconds'], 2),
-                                   **score_row_samples(d['texts'], val_text, judge, sc)})
-            lines += [json.dumps({'sampler': label, 'model_evals': d['model_evals'], 'sample': i, 'text': t}) + '\n' for i, t in enumerate(d['texts'])]
-    atomic_write_text(row_dir / 'samples.jsonl', ''.join(lines))
+    (row_dir / 'samples.jsonl').unlink(missing_ok=True)
+    sample_row(out, row_dir, sc, judge, val_text, rc.train.device)
     return out
+
+def sample_row(out: dict, row_dir: Path, sc: StudyConfig, judge: tuple | None, val_text: str, device: str = 'cpu') -> int:
+    "Draw and score the row's (sampler, budget) sample sets that `out['samples']` lacks (all, for a new row; a sampler added later, for an old one)."
+    from ddiff.checkpoint import load_model
+    from ddiff.recipes import get_recipe
+    have = {(s['sampler'], s['model_evals']) for s in out['samples']}
+    todo = [(l, s, k, n) for l, s, k in row_samplers(get_recipe(out['recipe'])) for n in ([sc.sample_length] if s == 'ar' else sc.evals)
+            if (l, sc.sample_length if s == 'ar' else n) not in have]
+    if not todo: return 0
+    model, ck = load_model(out['checkpoint'], device=device)
+    chars = ck['data_meta']['vocab']['chars']
+    f = row_dir / 'samples.jsonl'
+    lines = [f.read_text(encoding='utf-8')] if f.is_file() else []
+    for label, sampler, knobs, n in todo:
+        print(f"[study] row {out['row']}: sampling {label} at {n} model evaluations", flush=True)
+        d = draw_samples(model, chars, sampler, knobs, n, sc)
+        out['samples'].append({'sampler': label, 'model_evals': d['model_evals'], 'sample_seconds': round(d['seconds'], 2),
+                               **score_row_samples(d['texts'], val_text, judge, sc)})
+        lines += [json.dumps({'sampler': label, 'model_evals': d['model_evals'], 'sample': i, 'text': t}) + '\n' for i, t in enumerate(d['texts'])]
+    atomic_write_text(f, ''.join(lines))
+    return len(todo)
 
 # %% ../nbs/22a_study.ipynb #s027
 def run_study(base: dict,                  # the shared config: sections data, model, train, eval
@@ -435,7 +450,9 @@ def write_report(study: dict, study_dir: str | Path, max_evals: int = 64) -> Pat
           f"validation text; samples scored by one AR judge ({study['judge']['bpc']:.3f} bits/char).", '']
     if diff: md.append(f"- Best likelihood among the diffusion strategies: **{min(diff, key=lambda r: r['bpc'])['row']}** "
                        f"({min(r['bpc'] for r in diff):.3f} bits/char)" + ''.join(f"; AR {r['bpc']:.3f} (exact), ratio {min(x['bpc'] for x in diff) / r['bpc']:.2f}" for r in done if r['bpc_kind'] == 'exact') + '.')
-    if (b := best_samples(study, max_evals)):
+    if not (b := best_samples(study, max_evals)):
+        md.append(f"- No diffusion sample set at <= {max_evals} model evaluations has a unigram entropy within the margin of the validation text's.")
+    else:
         md.append(f"- Best samples at <= {max_evals} model evaluations: **{b['row']} / {b['sampler']}** at {b['model_evals']}: judge "
                   f"{b['judge_bpc']:.3f} bits/char, unigram entropy {b['unigram_entropy']:.3f} (validation text {b['val_unigram_entropy']:.3f})"
                   + (f"; the AR model's own samples {b['ar_judge_bpc']:.3f}, ratio {b['ratio']:.2f}." if 'ratio' in b else '.'))

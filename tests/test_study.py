@@ -60,10 +60,18 @@ def test_tiny_study_reuse_failure_and_judge(env):
     # a re-run reuses every finished row (no training: checkpoints untouched) and the cached judge; the failed row runs again
     ckpts = sorted(run.glob('rows/*/train/*.pt')) + judges
     before = mtimes(ckpts)
+    # a sampler added after a row ran (here: its random-order sets removed) is sampled on the re-run, without training again
+    rj = run / 'rows' / 'masked-uniform' / 'result.json'
+    r0 = json.loads(rj.read_text())
+    json.dump({**r0, 'samples': [s for s in r0['samples'] if s['sampler'] != 'unmask-random']}, open(rj, 'w'))
     res = run_study({s: cfg[s] for s in ('data', 'model', 'train', 'eval')}, cfg['experiment']['study'], run, name='tiny', progress=False)
     assert res['judge']['cached'] and not res['judge']['trained']
     assert [(r['row'], r['status'], r['reused']) for r in res['rows']] == [*((n, 'complete', True) for n in names[:-1]), ('broken', 'failed', False)]
     assert mtimes(ckpts) == before
+    again = json.loads(rj.read_text())['samples']
+    assert sorted((s['sampler'], s['model_evals']) for s in again) == sorted((s['sampler'], s['model_evals']) for s in r0['samples'])
+    scores = lambda ss: [{k: v for k, v in s.items() if k != 'sample_seconds'} for s in ss if s['sampler'] == 'unmask-random']
+    assert scores(again) == scores(r0['samples'])  # same seed, same numbers
 
 @pytest.mark.slow
 def test_ddiff_run_study(env):
