@@ -14,6 +14,7 @@ Substitutions, so that the whole walk takes minutes on 2 CPU cores instead of an
 - `papermill ... -y "train: {max_steps: 100}"`: max_steps 20.
 - `ddiff sweep configs/sweeps/mixtures.yaml --workers 2`: the copy's sweep file trains 20 steps a run (not 150),
   and --workers 1 (the test machine is shared).
+- `ddiff run configs/study.yaml` (an hour or more): `configs/study_tiny.yaml`, the same rows at a tiny size.
 Skipped, each with its reason (see SKIP): the install lines, the whole test suite, long-running servers
 (`jupyter lab`, `ddiff docs --serve`) and the 4-process torchrun on the GPU config.
 Known failures in other parts of ddiff are listed in KNOWN_FAILURES with their reason; while they fail the
@@ -55,6 +56,7 @@ SUBSTITUTE = {  # command prefix -> function(argv, scratch) giving the argv that
     'ddiff train configs/cpu_ar.yaml': lambda a, s: a + SHORT + ['eval.n_windows=16'],
     'papermill nbs/experiments/train_evaluate.ipynb': lambda a, s: [x.replace('max_steps: 100', 'max_steps: 20') for x in a],
     'ddiff sweep configs/sweeps/mixtures.yaml': _short_sweep,
+    'ddiff run configs/study.yaml': lambda a, s: [x.replace('configs/study.yaml', 'configs/study_tiny.yaml') for x in a],
 }
 
 KNOWN_FAILURES: dict[str, tuple[str, float]] = {}  # command prefix -> (reason, seconds to wait before giving up); none today
