@@ -500,7 +500,9 @@ def run_main(argv: list[str] | None = None) -> int:
     a = ap.parse_intermixed_args(argv)
     run_dir = run_experiment(a.config, a.overrides, progress=not a.no_progress, force=a.force)
     metrics = json.loads((run_dir / 'metrics.json').read_text())
-    print(f"run {metrics.get('status')}: {_show(run_dir)} ({metrics.get('steps', '?')} of {metrics.get('planned_steps', '?')} planned steps)")
+    done = (f"{metrics['rows_complete']} of {metrics['rows']} rows" if 'rows' in metrics else  # a study
+            f"{metrics.get('steps', '?')} of {metrics.get('planned_steps', '?')} planned steps")
+    print(f"run {metrics.get('status')}: {_show(run_dir)} ({done})")
     if (run_dir / 'report.md').exists(): print(f'report: {_show(run_dir / "report.md")}')
     if truncation_note(metrics): print(truncation_note(metrics), file=sys.stderr)
     return 0
