@@ -381,6 +381,14 @@ def plot_bpc(study: dict, path: str | Path) -> Path | None:
     ax.tick_params(axis='x', rotation=45, labelsize=8); fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
     return Path(path)
 
+def _style(study: dict, label: str) -> dict:
+    "Line style of curve 'row/sampler': one colour per row, one marker and dash per sampler (13 curves stay apart)."
+    rows = [r['row'] for r in study['rows']]
+    row, sampler = label.split('/', 1)
+    samplers = sorted({s['sampler'] for r in study['rows'] for s in r.get('samples') or []})
+    i = samplers.index(sampler) if sampler in samplers else 0
+    return dict(color=f'C{rows.index(row) % 10}', marker='osD^v'[i % 5], ls=['-', '--', ':', '-.'][i % 4])
+
 def _curves(study: dict) -> dict[str, list[dict]]:
     "label 'row/sampler' → its samples' scores, in budget order."
     return {f"{r['row']}/{s['sampler']}": [x for x in r['samples'] if x['sampler'] == s['sampler']]
@@ -391,11 +399,11 @@ def plot_judge_vs_evals(study: dict, path: str | Path) -> Path | None:
     import matplotlib.pyplot as plt
     curves = {k: v for k, v in _curves(study).items() if all('judge_bpc' in x for x in v)}
     if not curves: return None
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    for label, pts in curves.items(): ax.plot([p['model_evals'] for p in pts], [p['judge_bpc'] for p in pts], marker='o', label=label)
+    fig, ax = plt.subplots(figsize=(8.5, 4))
+    for label, pts in curves.items(): ax.plot([p['model_evals'] for p in pts], [p['judge_bpc'] for p in pts], label=label, **_style(study, label))
     ax.axhline(study['judge']['bpc'], color='k', ls=':', lw=1, label='judge on validation text')
     ax.set_xscale('log', base=2); ax.set_xlabel('model evaluations per sample'); ax.set_ylabel('judge bits/char of samples')
-    ax.legend(fontsize=7); fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
+    ax.legend(fontsize=7, loc='center left', bbox_to_anchor=(1.01, 0.5)); fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
     return Path(path)
 
 def plot_judge_vs_entropy(study: dict, path: str | Path, margin: float = 0.15) -> Path | None:
@@ -403,15 +411,15 @@ def plot_judge_vs_entropy(study: dict, path: str | Path, margin: float = 0.15) -
     import matplotlib.pyplot as plt
     curves = {k: v for k, v in _curves(study).items() if all('judge_bpc' in x for x in v)}
     if not curves: return None
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    for label, pts in curves.items(): ax.plot([p['unigram_entropy'] for p in pts], [p['judge_bpc'] for p in pts], marker='o', ls='', label=label)
+    fig, ax = plt.subplots(figsize=(8.5, 4))
+    for label, pts in curves.items(): ax.plot([p['unigram_entropy'] for p in pts], [p['judge_bpc'] for p in pts], label=label, **{**_style(study, label), 'ls': ''})
     xs = [p['unigram_entropy'] for v in curves.values() for p in v] + [study['val_entropy']]
     lo, hi = min(xs + [study['val_entropy'] - margin]) - 0.1, max(xs) + 0.1
     ax.axvline(study['val_entropy'], color='k', lw=1, label='validation text')
     ax.axvspan(lo, study['val_entropy'] - margin, color='tab:red', alpha=0.08, label=f'more than {margin} bits below')
     ax.set_xlim(lo, hi)
     ax.set_xlabel('unigram entropy of samples (bits)'); ax.set_ylabel('judge bits/char of samples')
-    ax.legend(fontsize=7); fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
+    ax.legend(fontsize=7, loc='center left', bbox_to_anchor=(1.01, 0.5)); fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
     return Path(path)
 
 # %% ../nbs/22a_study.ipynb #s034
