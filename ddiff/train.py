@@ -223,7 +223,7 @@ def _is_producer(pid: int) -> bool:
     except FileNotFoundError: return False  # gone meanwhile
     except OSError: return True
 
-def wait_for_earlier_producer(out: Path, timeout: float = 60.0) -> None:
+def wait_for_earlier_producer(out: Path, timeout: float = 60.0, grace: float = 30.0) -> None:
     "Wait for the producer of an earlier run in `out` (after `kill -9` it runs on until it notices, within one file), so that one producer writes at a time."
     try: pid = int((out / PRODUCER_PID).read_text())
     except (OSError, ValueError): return
@@ -233,7 +233,7 @@ def wait_for_earlier_producer(out: Path, timeout: float = 60.0) -> None:
             print(f'ddiff train: the producer of an earlier run (pid {pid}) is still running; stopping it', file=sys.stderr)
             try: os.kill(pid, signal.SIGTERM)
             except OSError: return
-            deadline, asked = time.time() + timeout, True
+            deadline, asked = time.time() + grace, True  # a busy machine may take a while to schedule its exit
         elif time.time() > deadline:
             raise DDiffError(f"the producer of an earlier run (pid {pid}) did not stop; stop it (kill {pid}) before resuming in {out}")
         time.sleep(0.05)
