@@ -217,7 +217,7 @@ def _training_seconds(cfg: dict, overrides: list | tuple = ()) -> float:
     from ddiff.config import load_config
     rc = load_config({s: cfg.get(s) or {} for s in ('data', 'model', 'train')}, list(overrides))
     tokens = rc.train.grad_accum * rc.data.batch_size * rc.data.block_size * rc.train.max_steps
-    return SECONDS_PER_TOKEN_PARAM * tokens * 12 * rc.model.n_layer * rc.model.n_embd ** 2
+    return SECONDS_PER_TOKEN_PARAM * tokens * _approx_params(dataclasses.asdict(rc.model))
 
 def estimate_minutes(cfg: dict) -> float:
     "Rough minutes of an experiment on 2 CPU cores: training (every study row, the judge), and ~30 s of start-up and sampling each."

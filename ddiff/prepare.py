@@ -71,7 +71,6 @@ def run_producer(cfg: DataConfig, # the data section
                  poll: float = 0.05, # seconds between backlog checks while the queue is full
                  parent_pid: int | None = None, # stop once this process is gone (used by `start_producer_process`)
                  notes: bool = True, # one-line notes on stderr (stale files removed, waiting for a consumer, raised backlog)
-                 fill_from: int | None = None, # first rewrite missing train files from this number on (a resumed run's position)
                 ) -> int:
     "Fill the queue of `cfg`: meta, validation files, then train files with backpressure; returns the train files written."
     from tqdm.auto import tqdm
@@ -85,8 +84,6 @@ def run_producer(cfg: DataConfig, # the data section
     try:
         p = make_provider(cfg)
         _prepare_queue(p, notes)
-        if fill_from is not None and (gaps := fill_gaps(p, fill_from)) and notes:
-            print(f'ddiff prepare: rewrote train file(s) {gaps} that a killed producer had claimed but not written', file=sys.stderr)
         limit = _backlog_limit(p, cfg, max_files, notes)
         with tqdm(total=max_files, disable=not progress, unit='file', desc=f'prepare {p.queue.parent.name}', leave=False) as bar:
             while not stop.is_set() and (max_files is None or written < max_files):
@@ -111,15 +108,13 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument('--max-files', type=int, default=None, help='stop after writing this many train files, even beyond data.max_backlog (default: run until stopped)')
     ap.add_argument('--quiet', action='store_true', help='no progress bar and no notes on stderr (errors are still shown)')
     ap.add_argument('--parent-pid', type=int, default=None, help=argparse.SUPPRESS)
-    ap.add_argument('--fill-from', type=int, default=None, help=argparse.SUPPRESS)
     return ap
 
 def main(argv: list[str] | None = None) -> int:
     "`ddiff prepare`: run one producer for the config's data section until stopped or --max-files."
     args = _parser().parse_args(argv)
     cfg = data_config(args.config, args.overrides)
-    n = run_producer(cfg, max_files=args.max_files, progress=not args.quiet, parent_pid=args.parent_pid, notes=not args.quiet,
-                     fill_from=args.fill_from)
+    n = run_producer(cfg, max_files=args.max_files, progress=not args.quiet, parent_pid=args.parent_pid, notes=not args.quiet)
     if not args.quiet: print(f'wrote {n} train file(s) to {queue_dir(cfg)}', file=sys.stderr)
     return 0
 
@@ -128,7 +123,6 @@ def start_producer_process(config: str | os.PathLike | dict, # YAML path or conf
                            overrides: Iterable[str] = (), # 'section.key=value' strings, as given to training
                            max_files: int | None = None, # stop after this many train files
                            quiet: bool = True, # no progress bar in the child
-                           fill_from: int | None = None, # rewrite missing train files from this number on (resume)
                            **popen_kwargs # passed to subprocess.Popen (e.g. stdout, stderr, start_new_session)
                           ) -> subprocess.Popen:
     "Start `python -m ddiff.prepare` for `config` in a child process and return its Popen."
@@ -136,7 +130,6 @@ def start_producer_process(config: str | os.PathLike | dict, # YAML path or conf
     cmd = [sys.executable, '-m', 'ddiff.prepare', '-' if isinstance(config, dict) else str(Path(config).resolve()),
            *overrides, '--parent-pid', str(os.getpid())]
     if max_files is not None: cmd += ['--max-files', str(max_files)]
-    if fill_from is not None: cmd += ['--fill-from', str(fill_from)]
     if quiet: cmd.append('--quiet')
     env = dict(popen_kwargs.pop('env', None) or os.environ)
     pkg_parent = str(Path(__file__).resolve().parent.parent) if '__file__' in globals() else str(project_root())

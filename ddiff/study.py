@@ -252,9 +252,7 @@ def run_row(base: dict, row: StudyRow, sc: StudyConfig, study_dir: Path, study: 
 def _run_row(base: dict, row: StudyRow, sc: StudyConfig, row_dir: Path, study: str, judge: tuple | None, val_text: str, progress: bool) -> dict:
     "The work of `run_row` (errors propagate)."
     from ddiff.config import load_config
-    from ddiff.checkpoint import load_model
     from ddiff.evaluate import evaluate_checkpoint
-    from ddiff.recipes import get_recipe
     from ddiff.train import train
     ovs = row_overrides(row, row_dir, row_dataset(study, row, load_config(base, row.overrides)), progress)
     rc = load_config(base, ovs)
@@ -282,7 +280,7 @@ def sample_row(out: dict, row_dir: Path, sc: StudyConfig, judge: tuple | None, v
     from ddiff.recipes import get_recipe
     have = {(s['sampler'], s['model_evals']) for s in out['samples']}
     todo = [(l, s, k, n) for l, s, k in row_samplers(get_recipe(out['recipe'])) for n in ([sc.sample_length] if s == 'ar' else sc.evals)
-            if (l, sc.sample_length if s == 'ar' else n) not in have]
+            if (l, n) not in have]
     if not todo: return 0
     model, ck = load_model(out['checkpoint'], device=device)
     chars = ck['data_meta']['vocab']['chars']

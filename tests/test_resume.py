@@ -81,10 +81,10 @@ def test_interrupted_runs_end_exactly_like_an_uninterrupted_one(tmp_path, refere
 
 
 def test_a_number_claimed_by_a_killed_producer_is_rewritten_on_resume(tmp_path, monkeypatch):
-    "A producer killed between claiming a file number and writing the file leaves a gap; a resumed run's producer fills it."
+    "A producer killed between claiming a file number and writing the file leaves a gap; a resumed run fills it before reading."
     monkeypatch.setenv('DDIFF_DATA', str(tmp_path / 'data'))
     from ddiff.config import load_config
-    from ddiff.prepare import run_producer
+    from ddiff.train import fill_lost_files
     from ddiff.providers import make_provider
     from ddiff.consumer import list_queue_files
     cfg = load_config(str(ROOT / 'configs' / 'tiny.yaml'), ['data.batches_per_file=2']).data
@@ -95,7 +95,7 @@ def test_a_number_claimed_by_a_killed_producer_is_rewritten_on_resume(tmp_path, 
     p.write_file('train', p.claim_seq())                      # 3, by another producer
     folder = p.split_dir('train')
     assert sorted(list_queue_files(folder, 'train')) == [0, 1, 3]
-    run_producer(cfg, max_files=0, progress=False, notes=False, fill_from=1)
+    fill_lost_files(cfg, p.queue, 1)  # what a resumed run does before it reads (its position: file 1)
     files = list_queue_files(folder, 'train')
     assert sorted(files) == [0, 1, 2, 3]
     assert files[2].read_bytes() == p.serialize(p.make_file('train', 2), 'train', 2)  # the very bytes it would have had
